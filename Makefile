@@ -1,0 +1,35 @@
+# make test   - create/reuse .venv, install the pinned deps, build ipfm_fast._C, run pytest
+# make bench  - microbenchmarks of every op and backend -> benchmarks/results/<device>/
+# Both work on a fresh clone of a CPU machine with Python 3.11.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Local wheel folders of this machine kind (torch 2.13.0 CPU, triton 3.6.0), if present.
+FIND_LINKS := $(foreach d,/opt/wheels /opt/pypi/files,$(if $(wildcard $(d)),--find-links $(d)))
+PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS)
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+
+.PHONY: test bench install clean
+
+$(VENV)/.stamp-deps: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -r requirements-dev.txt
+	touch $@
+
+# Editable install: Python and Triton sources are used in place; _C is rebuilt when
+# csrc/ changes. --no-build-isolation reuses the pinned build deps installed above.
+$(VENV)/.stamp-build: $(VENV)/.stamp-deps $(SOURCES)
+	$(PIP) --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.stamp-build
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m pytest -q benchmarks --benchmark-only -p no:randomly
+
+clean:
+	rm -rf build $(VENV) *.egg-info ipfm_fast/_C*.so

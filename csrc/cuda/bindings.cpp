@@ -1,0 +1,34 @@
+// Python bindings of the CUDA launchers (host compiler; built only with CUDA).
+#include <stdexcept>
+#include <string>
+
+#include "cuda_api.h"
+#include "ipfm/registry.h"
+
+namespace ipfm::cuda {
+namespace {
+
+void check(int code, const char* op) {
+  if (code != 0) throw std::runtime_error(std::string(op) + ": CUDA error: " + error_string(code));
+}
+
+static Registrar registrar([](pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("cuda_device_count", &device_count, "devices visible to the extension's CUDA runtime");
+  m.def(
+      "perturb_cuda",
+      [](uintptr_t x, int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t noise,
+         int64_t noise_row_stride, int dtype, int64_t rows, int64_t n, uintptr_t sigma, float sigma_scalar,
+         double alpha, uintptr_t seed, int device, uintptr_t stream) {
+        check(perturb(x, x_row_stride, y, y_row_stride, noise, noise_row_stride, dtype, rows, n, sigma,
+                      sigma_scalar, alpha, seed, device, stream),
+              "perturb_cuda");
+      },
+      py::arg("x"), py::arg("x_row_stride"), py::arg("y"), py::arg("y_row_stride"), py::arg("noise"),
+      py::arg("noise_row_stride"), py::arg("dtype"), py::arg("rows"), py::arg("n"), py::arg("sigma"),
+      py::arg("sigma_scalar"), py::arg("alpha"), py::arg("seed"), py::arg("device"), py::arg("stream"),
+      "CUDA launch of the perturbation on raw device pointers (seed is a device pointer to int64)");
+});
+
+}  // namespace
+}  // namespace ipfm::cuda

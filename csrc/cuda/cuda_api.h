@@ -1,0 +1,33 @@
+// Host entry points of the CUDA kernels. Plain C++ types only (no CUDA headers), so the
+// pybind11 bindings compile with the host compiler. Each launcher returns a cudaError_t
+// as int (0 = success); error_string() turns it into a message.
+#pragma once
+
+#include <cstdint>
+
+namespace ipfm::cuda {
+
+const char* error_string(int code);
+int device_count();
+
+int perturb(uintptr_t x, int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t noise,
+            int64_t noise_row_stride, int dtype, int64_t rows, int64_t n, uintptr_t sigma, float sigma_scalar,
+            double alpha, uintptr_t seed, int device, uintptr_t stream);
+
+#ifdef __CUDACC__
+// Makes `device` current for the launch and restores the previous one.
+struct DeviceGuard {
+  int previous = -1;
+  cudaError_t error = cudaSuccess;
+  explicit DeviceGuard(int device) {
+    error = cudaGetDevice(&previous);
+    if (error == cudaSuccess && previous != device) error = cudaSetDevice(device);
+    else previous = -1;
+  }
+  ~DeviceGuard() {
+    if (previous >= 0) cudaSetDevice(previous);
+  }
+};
+#endif
+
+}  // namespace ipfm::cuda

@@ -1,0 +1,26 @@
+"""ipfm_fast: fused Triton / CUDA / C++ kernels for Inverse Poisson Flow Matching.
+
+    import ipfm_fast as ipf
+    y = ipf.perturb(x, sigma, D)                 # PFGM++ perturbation kernel
+    z = ipf.sample_prior((B, C, H, W), 80.0, D)  # prior at sigma_max
+
+Every op takes ``backend=`` "auto" | "triton" | "cuda" | "cpu" | "reference";
+``ipfm-fast info`` (or ``python -m ipfm_fast info``) says which are available and why not.
+"""
+
+__version__ = "0.1.0"
+
+from ipfm_fast import reference  # noqa: E402
+from ipfm_fast.backends import BACKENDS, BackendUnavailable  # noqa: E402
+from ipfm_fast.ops.perturb import perturb, sample_prior  # noqa: E402
+from ipfm_fast.reference import r_to_sigma, sigma_to_r  # noqa: E402
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "perturb",
+    "r_to_sigma",
+    "reference",
+    "sample_prior",
+    "sigma_to_r",
+]

@@ -1,0 +1,1 @@
+"""Public ops (autograd + torch.library) over the Triton, CUDA, CPU and reference backends."""

@@ -1,0 +1,244 @@
+r"""PFGM++ perturbation and prior: four layers in one file.
+
+    kernel      kernels/perturb.py (Triton), csrc/cpu/perturb.cpp, csrc/cuda/perturb.cu
+    launcher    _launch_perturb: row layout, raw pointers, grid / stream
+    torch op    ipfm_fast::perturb, ipfm_fast::perturb_noise (torch.library.custom_op,
+                fake implementations, autograd)
+    public      perturb(), sample_prior()
+
+.. math::
+    y = x + \sigma \, g \sqrt{D / W}, \quad g \sim \mathcal N(0, I_N), \quad W \sim \chi^2_D
+
+Cost of a fused call: reads x once, writes y once (and the noise once when asked):
+``(2 or 3) * B * N`` elements; the Philox key is one 8-byte draw from the generator.
+"""
+
+import math
+
+import torch
+
+from ipfm_fast import backends
+from ipfm_fast import reference as ref
+from ipfm_fast._checks import check_D, check_generator, check_rows, check_sigma
+from ipfm_fast.ops import _launch
+
+_TRITON_BLOCK_G = 256  # Philox counters per Triton program: 1024 elements
+
+
+def _alpha(D):
+    return D / 2.0  # inf stays inf: the kernels then skip the chi-square draw
+
+
+def _launch_perturb(backend, x, y, noise, sigma, sigma_scalar, D, seed):
+    """Runs one fused backend. x may be None (prior: y = sigma * noise); noise may be None.
+    All tensors share the row layout described by _launch.kernel_views."""
+    rows = y.shape[0]
+    n = y[0].numel() if rows else 0
+    if rows == 0 or n == 0:
+        return
+    alpha = _alpha(D)
+    x_stride = _launch.row_stride(x) if x is not None else 0
+    noise_stride = _launch.row_stride(noise) if noise is not None else 0
+    sigma_scalar = 0.0 if sigma is not None else sigma_scalar
+    if backend == "cpu":
+        _launch.ext().perturb_cpu(
+            x.data_ptr() if x is not None else 0, x_stride, y.data_ptr(), _launch.row_stride(y),
+            noise.data_ptr() if noise is not None else 0, noise_stride, _launch.DTYPE_CODES[y.dtype],
+            rows, n, sigma.data_ptr() if sigma is not None else 0, sigma_scalar, alpha,
+            _launch.seed_as_uint64(seed), _launch.num_threads())
+    elif backend == "cuda":
+        _launch.ext().perturb_cuda(
+            x.data_ptr() if x is not None else 0, x_stride, y.data_ptr(), _launch.row_stride(y),
+            noise.data_ptr() if noise is not None else 0, noise_stride, _launch.DTYPE_CODES[y.dtype],
+            rows, n, sigma.data_ptr() if sigma is not None else 0, sigma_scalar, alpha,
+            seed.data_ptr(), y.device.index, _launch.cuda_stream(y.device))
+    elif backend == "triton":
+        from ipfm_fast.kernels.perturb import CAND, perturb_kernel
+
+        groups = (n + 3) // 4
+        block_g = min(_TRITON_BLOCK_G, 1 << max(groups - 1, 0).bit_length())
+        blocks_per_row = -(-groups // block_g)
+        perturb_kernel[(rows * blocks_per_row,)](
+            x if x is not None else y, x_stride, y, _launch.row_stride(y),
+            noise if noise is not None else y, noise_stride,
+            sigma if sigma is not None else seed, sigma_scalar, alpha, seed,
+            n, groups, blocks_per_row,
+            HAS_X=x is not None, SIGMA_PER_ROW=sigma is not None, WRITE_NOISE=noise is not None,
+            FINITE_D=not math.isinf(D), BLOCK_G=block_g, CAND=CAND,
+        )
+    else:
+        raise AssertionError(backend)
+
+
+# --------------------------------------------------------------------------------------
+# torch ops
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ipfm_fast::perturb", mutates_args=())
+def _perturb_op(x: torch.Tensor, sigma: torch.Tensor | None, sigma_scalar: float, D: float,
+                seed: torch.Tensor, return_noise: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.empty_like(x)
+    noise = torch.empty_like(x) if return_noise else x.new_empty(0)
+    x_k, outs_k, copy_back = _launch.kernel_views(x, y, *([noise] if return_noise else []))
+    _launch_perturb(backend, x_k, outs_k[0], outs_k[1] if return_noise else None, sigma, sigma_scalar, D, seed)
+    copy_back()
+    return y, noise
+
+
+@_perturb_op.register_fake
+def _(x, sigma, sigma_scalar, D, seed, return_noise, backend):
+    return torch.empty_like(x), (torch.empty_like(x) if return_noise else x.new_empty(0))
+
+
+@torch.library.custom_op("ipfm_fast::perturb_noise", mutates_args=())
+def _noise_op(shape: list[int], stride: list[int], dtype: torch.dtype, sigma: torch.Tensor | None,
+              sigma_scalar: float, D: float, seed: torch.Tensor, backend: str) -> torch.Tensor:
+    """sigma * g * sqrt(D / W) with the given shape/strides on seed's device, with the same
+    element -> random number mapping as ipfm_fast::perturb on a tensor of that layout."""
+    y = torch.empty_strided(shape, stride, dtype=dtype, device=seed.device)
+    _, (y_k,), copy_back = _launch.kernel_views(y, y)
+    _launch_perturb(backend, None, y_k, None, sigma, sigma_scalar, D, seed)
+    copy_back()
+    return y
+
+
+@_noise_op.register_fake
+def _(shape, stride, dtype, sigma, sigma_scalar, D, seed, backend):
+    return torch.empty_strided(shape, stride, dtype=dtype, device=seed.device)
+
+
+def _setup_perturb(ctx, inputs, output):
+    x, sigma, _, D, seed, return_noise, backend = inputs
+    ctx.D, ctx.backend, ctx.return_noise = D, backend, return_noise
+    ctx.layout = (list(x.shape), list(x.stride()))
+    ctx.save_for_backward(seed, output[1] if return_noise else None)
+
+
+def _perturb_backward(ctx, grad_y, grad_noise):
+    seed, noise = ctx.saved_tensors
+    grad_x = grad_y if ctx.needs_input_grad[0] else None
+    grad_sigma = None
+    if ctx.needs_input_grad[1]:
+        if noise is None:  # regenerate from the counter-based stream instead of storing it
+            shape, stride = ctx.layout
+            noise = _noise_op(shape, stride, torch.float32, None, 1.0, ctx.D, seed, ctx.backend)
+        grad_sigma = (grad_y.float() * noise.float()).reshape(grad_y.shape[0], -1).sum(1)
+    return grad_x, grad_sigma, None, None, None, None, None
+
+
+_perturb_op.register_autograd(_perturb_backward, setup_context=_setup_perturb)
+
+
+def _setup_noise(ctx, inputs, output):
+    sigma = inputs[3]
+    ctx.save_for_backward(output, sigma)
+
+
+def _noise_backward(ctx, grad_y):
+    y, sigma = ctx.saved_tensors
+    grad_sigma = None
+    if ctx.needs_input_grad[1]:  # y = sigma * noise: dy/dsigma = y / sigma, no cancellation
+        grad_sigma = (grad_y.float() * y.float()).reshape(y.shape[0], -1).sum(1) / sigma
+    return None, None, None, grad_sigma, None, None, None, None
+
+
+_noise_op.register_autograd(_noise_backward, setup_context=_setup_noise)
+
+
+# --------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------
+
+
+def _check_rows_limit(rows, op):
+    if rows >= 2**32:
+        raise ValueError(f"{op}: at most 2^32 - 1 rows per call (the row index is a Philox counter word), got {rows}")
+
+
+def perturb(x, sigma, D, *, generator=None, return_noise=False, backend="auto"):
+    r"""Draw :math:`y \sim p_r(y \mid x) \propto (\lVert y-x\rVert^2 + r^2)^{-(N+D)/2}`, fused.
+
+    .. math::
+        y = x + \sigma \, g \sqrt{D / W}, \quad g \sim \mathcal N(0, I_N), \quad W \sim \chi^2_D
+
+    one W per row, drawn in the kernel (no host sync); ``D = math.inf`` gives exactly
+    :math:`y = x + \sigma g`.
+
+    Args:
+        x: [B, ...] float32 / bfloat16 / float16 (float64 runs on the reference); rows are
+            the first dimension; any layout (contiguous, channels_last, sliced).
+        sigma: float, or tensor [B] (also [] or [B, 1, ...]) on x's device. May require
+            grad: :math:`\partial y / \partial \sigma = (y - x) / \sigma`. On CUDA a
+            non-positive or non-finite entry yields a NaN row (checking would sync).
+        D: positive float or math.inf.
+        generator: torch.Generator on x's device; default: that device's default
+            generator, so ``torch.manual_seed`` reproduces a run.
+        return_noise: also return ``noise = g * sqrt(D / W)`` (so ``y = x + sigma * noise``).
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+
+    Returns:
+        y with x's shape and dtype (arithmetic in fp32), and the noise if asked.
+
+    The fused backends draw the same numbers for the same seed (Philox4x32-10 with
+    Triton's ``randn4x`` mapping, in each row's memory order); the reference uses
+    torch's own generators.
+    """
+    op = "perturb"
+    check_rows(x, "x", op)
+    D = check_D(D, op)
+    check_generator(generator, x.device, op)
+    sigma_t, sigma_f = check_sigma(sigma, x.shape[0], x.device, op)
+    _check_rows_limit(x.shape[0], op)
+    name = backends.resolve(op, backend, x.device, x.dtype)
+    if name == "reference":
+        return ref.perturb(x, sigma, D, generator=generator, return_noise=return_noise)
+    if sigma_t is not None:
+        sigma_t = sigma_t.to(torch.float32).contiguous()
+    seed = _launch.draw_seed(generator, x.device)
+    y, noise = _perturb_op(x, sigma_t, sigma_f or 0.0, D, seed, return_noise, name)
+    return (y, noise) if return_noise else y
+
+
+def sample_prior(shape, sigma, D, *, device=None, dtype=None, generator=None, backend="auto"):
+    r"""Sample the PFGM++ prior at level ``sigma``: the perturbation kernel around 0,
+
+    .. math::
+        y = \sigma \, g \sqrt{D / W}
+
+    Args:
+        shape: [B, ...]; rows are the first dimension.
+        sigma: float or tensor [B] (differentiable).
+        D: positive float or math.inf.
+        device, dtype: of the result (defaults: sigma's device or CPU, torch's default dtype).
+        generator, backend: as in :func:`perturb`.
+
+    Only the output is written: ``B * N`` elements.
+    """
+    op = "sample_prior"
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError as err:
+        raise TypeError(f"{op}: shape must be a sequence of ints, got {shape!r}") from err
+    if len(shape) < 1 or any(s < 0 for s in shape):
+        raise ValueError(f"{op}: shape must be [B, ...] with non-negative sizes, got {shape}")
+    if device is None:
+        device = sigma.device if isinstance(sigma, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = dtype or torch.get_default_dtype()
+    if not dtype.is_floating_point:
+        raise TypeError(f"{op}: dtype must be floating point, got {dtype}")
+    D = check_D(D, op)
+    check_generator(generator, device, op)
+    sigma_t, sigma_f = check_sigma(sigma, shape[0], device, op)
+    _check_rows_limit(shape[0], op)
+    name = backends.resolve(op, backend, device, dtype)
+    if name == "reference":
+        return ref.sample_prior(shape, sigma, D, device=device, dtype=dtype, generator=generator)
+    if sigma_t is not None:
+        sigma_t = sigma_t.to(torch.float32).contiguous()
+    seed = _launch.draw_seed(generator, device)
+    stride = torch.empty(shape, device="meta").stride()
+    return _noise_op(list(shape), list(stride), dtype, sigma_t, sigma_f or 0.0, D, seed, name)

@@ -1,0 +1,1 @@
+"""Triton kernels of ipfm_fast (installed as ipfm_fast.kernels)."""
