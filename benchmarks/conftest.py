@@ -1,0 +1,164 @@
+"""Benchmark harness shared by every op's benchmarks.
+
+Each test times one (op, size, provider, mode) with the ``bench`` fixture:
+CPU through pytest-benchmark (median of rounds after warm-up), CUDA through
+``triton.testing.do_bench`` (CUDA events, median). At the end of the session every op's
+rows go to ``benchmarks/results/<device>/<op>.json`` and ``.md`` with the device name,
+versions and date, the speedup of each provider over the op's baseline provider at the
+same size and mode, and on CUDA the fraction of the device-to-device copy bandwidth
+measured in the same run.
+"""
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from collections import defaultdict
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import ipfm_fast  # noqa: E402
+from ipfm_fast import backends  # noqa: E402
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+_rows = defaultdict(list)  # op -> [row]
+_baselines = {}  # op -> provider the speedups are relative to
+_copy_bandwidth = {}
+
+
+def device_name():
+    if HAS_CUDA:
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def device_slug():
+    name = torch.cuda.get_device_name() if HAS_CUDA else f"cpu-{torch.get_num_threads()}t"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def copy_bandwidth_gbs():
+    """Device-to-device copy bandwidth (bytes read + written) of a 1 GiB buffer, GB/s."""
+    if "cuda" not in _copy_bandwidth:
+        import triton.testing
+
+        src = torch.empty(2**28, dtype=torch.float32, device="cuda").normal_()
+        dst = torch.empty_like(src)
+        ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+        _copy_bandwidth["cuda"] = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+        del src, dst
+    return _copy_bandwidth["cuda"]
+
+
+def set_baseline(op, provider):
+    _baselines[op] = provider
+
+
+@pytest.fixture
+def bench(benchmark, request):
+    """bench(fn, op=, size=, provider=, mode=, nbytes=, flops=, device=, **extra) times fn."""
+
+    def run(fn, *, op, size, provider, mode="forward", nbytes=None, flops=None, device="cpu", **extra):
+        if torch.device(device).type == "cuda":
+            import triton.testing
+
+            fn()
+            torch.cuda.reset_peak_memory_stats()
+            ms = triton.testing.do_bench(fn, return_mode="median")
+            seconds = ms * 1e-3
+            extra.setdefault("peak_memory_mb", torch.cuda.max_memory_allocated() / 2**20)
+            benchmark.extra_info.update(extra)
+        else:
+            benchmark.pedantic(fn, rounds=int(os.environ.get("IPFM_BENCH_ROUNDS", 10)), warmup_rounds=2, iterations=1)
+            seconds = benchmark.stats.stats.median
+        row = {"op": op, "size": size, "provider": provider, "mode": mode, "median_ms": seconds * 1e3}
+        if nbytes:
+            row["GB/s"] = nbytes / seconds / 1e9
+            if torch.device(device).type == "cuda":
+                row["copy_bw_fraction"] = row["GB/s"] / copy_bandwidth_gbs()
+        if flops:
+            row["TFLOP/s"] = flops / seconds / 1e12
+        row.update(extra)
+        _rows[op].append(row)
+        return seconds
+
+    return run
+
+
+def versions():
+    info = {
+        "ipfm_fast": ipfm_fast.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda_runtime": torch.version.cuda,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        info["git"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                              stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _rows:
+        return
+    out_dir = os.path.join(RESULTS_DIR, device_slug())
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {
+        "device": device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "backends": backends.report(),
+        "triton_interpreter": backends.triton_interpreter(),
+    }
+    if HAS_CUDA:
+        meta["copy_bandwidth_GBps"] = copy_bandwidth_gbs()
+    for op, rows in _rows.items():
+        base = _baselines.get(op)
+        if base:
+            ref = {(r["size"], r["mode"]): r["median_ms"] for r in rows if r["provider"] == base}
+            for r in rows:
+                if (r["size"], r["mode"]) in ref:
+                    r[f"speedup_vs_{base}"] = ref[(r["size"], r["mode"])] / r["median_ms"]
+        rows.sort(key=lambda r: (r["size"], r["mode"], r["median_ms"]))
+        with open(os.path.join(out_dir, f"{op}.json"), "w") as f:
+            json.dump({**meta, "op": op, "baseline": base, "rows": rows}, f, indent=2)
+        cols = [c for c in rows[0].keys() if c != "op"]
+        for r in rows:
+            cols += [c for c in r if c not in cols and c != "op"]
+        lines = [f"# {op} on {meta['device']}", "",
+                 f"{meta['date']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v), ""]
+        if meta["triton_interpreter"]:
+            lines += ["Triton rows ran in the interpreter (no GPU): correctness only, not speed.", ""]
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+        with open(os.path.join(out_dir, f"{op}.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    print(f"\nbenchmark results written to {out_dir} at {time.strftime('%H:%M:%S')}")

@@ -1,0 +1,3 @@
+from ipfm_fast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""`ipfm-fast info`: versions, build flags, which backends serve which devices and why not."""
+
+import platform
+
+import torch
+
+from ipfm_fast import __version__, _ext, backends
+
+
+def collect():
+    """A dict describing this installation (also written next to benchmark results)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as err:  # noqa: BLE001 - report any import failure
+        triton_version = f"unavailable ({type(err).__name__}: {err})"
+    ext = _ext._C
+    build = {"loaded": ext is not None}
+    if ext is None:
+        build["error"] = _ext.load_error
+    else:
+        build.update(openmp=bool(ext.openmp), cuda=bool(ext.has_cuda), cuda_archs=ext.cuda_archs or None,
+                     cuda_skip_reason=ext.cuda_skip_reason or None, path=ext.__file__)
+        if ext.has_cuda:
+            build["cuda_devices_seen_by_extension"] = ext.cuda_device_count()
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return {
+        "ipfm_fast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "triton_interpreter": backends.triton_interpreter(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "extension": build,
+        "backends": backends.report(devices),
+        "auto": {d: backends.resolve("info", "auto", d, torch.float32) for d in devices},
+    }
+
+
+def format_report(info):
+    lines = [f"ipfm_fast {info['ipfm_fast']}  (python {info['python']}, torch {info['torch']}, "
+             f"CUDA runtime {info['torch_cuda'] or 'none'}, triton {info['triton']})"]
+    lines.append(f"GPUs: {', '.join(info['gpus']) or 'none'}")
+    ext = info["extension"]
+    if ext["loaded"]:
+        cuda = f"CUDA kernels for sm {ext['cuda_archs']}" if ext["cuda"] else f"no CUDA kernels ({ext['cuda_skip_reason']})"
+        lines.append(f"extension ipfm_fast._C: loaded, OpenMP {'on' if ext['openmp'] else 'off'}, {cuda}")
+    else:
+        lines.append(f"extension ipfm_fast._C: NOT loaded ({ext['error']})")
+    if info["triton_interpreter"]:
+        lines.append("TRITON_INTERPRET=1: Triton kernels run in the interpreter on CPU tensors")
+    for device, table in info["backends"].items():
+        lines.append(f"{device} tensors (auto -> {info['auto'][device]}):")
+        for backend, reason in table.items():
+            lines.append(f"  {backend:<10} {'yes' if reason is None else 'no: ' + reason}")
+    return "\n".join(lines)
