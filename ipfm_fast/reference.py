@@ -162,3 +162,111 @@ def sampler_sigmas(num_steps=18, *, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rh
     denom = max(num_steps - 1, 1)
     sig = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([sig, torch.zeros(1, device=device, dtype=dtype)])
+
+
+# --------------------------------------------------------------------------------------
+# Field target (reference-batch posterior mean)
+# --------------------------------------------------------------------------------------
+
+
+def field_target(y, sigma, x_ref, D, *, return_logz=False):
+    r"""Posterior mean of the source over a reference batch (PFGM++ / STF target).
+
+    .. math::
+        s_{ij} = -\tfrac{N + D}{2} \log(\lVert y_i - x_j\rVert^2 + D\sigma_i^2)
+        \quad (D = \infty:\ s_{ij} = -\lVert y_i - x_j\rVert^2 / (2\sigma_i^2)),
+
+        w_{ij} = \mathrm{softmax}_j(s_{ij}), \qquad \mathrm{target}_i = \sum_j w_{ij} x_j
+
+    Computed in float64 over the full [B, M] matrix with exact pairwise differences
+    (no ``|y|^2 - 2 y.x + |x|^2`` cancellation). Differentiable in y and x_ref.
+
+    Args:
+        y: [B, ...] perturbed rows. sigma: float or [B]. x_ref: [M, ...], same trailing
+        shape. D: positive float or math.inf.
+
+    Returns:
+        target [B, ...] in y's dtype; with ``return_logz`` also logsumexp_j s_ij, [B]
+        (float64 here).
+    """
+    op = "reference.field_target"
+    check_rows(y, "y", op)
+    check_rows(x_ref, "x_ref", op)
+    D = check_D(D, op)
+    rows, n = y.shape[0], y[0].numel()
+    sig = _row_sigma(sigma, rows, y.device, torch.float64, op)
+    yf = y.reshape(rows, -1).double()
+    xf = x_ref.reshape(x_ref.shape[0], -1).double()
+    d2 = torch.cdist(yf, xf, compute_mode="donot_use_mm_for_euclid_dist").square()
+    if math.isinf(D):
+        logits = -d2 / (2 * sig.square()[:, None])
+    else:
+        logits = -0.5 * (n + D) * torch.log(d2 + D * sig.square()[:, None])
+    logz = torch.logsumexp(logits, dim=1)
+    target = (torch.softmax(logits, dim=1) @ xf).reshape(y.shape).to(y.dtype)
+    return (target, logz) if return_logz else target
+
+
+# --------------------------------------------------------------------------------------
+# IPFM losses
+# --------------------------------------------------------------------------------------
+
+
+def _reduce(per_row, reduction, op):
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == "none":
+        return per_row
+    raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive", reduction="mean",
+                        return_masked=False):
+    r"""IPFM / SiD generator loss, per row (a = teacher_out, b = fake_out, all [B, ...]):
+
+    .. math::
+        \ell_i = w_i \sum_n (a - b)\,\big((a - x) - \alpha (a - b)\big), \qquad
+        w_i = 1 / \max(\mathrm{mean}_n |x_i - a_i|, 10^{-5})\ \text{(no gradient)}
+
+    or a given weight [B]. Rows with a NaN/Inf in any input contribute 0 and get zero
+    gradient. reduction: "mean" = sum of per-row losses / B (as the reference loops
+    scale it), "sum", or "none" -> [B]. With ``return_masked`` also returns the number of
+    masked rows as a 0-dim int64 tensor (no host sync).
+    """
+    a, b = teacher_out, fake_out
+    rows = a.shape[0]
+    a2, b2, x2 = (t.reshape(rows, -1) for t in (a, b, x))
+    finite = torch.isfinite(a2).all(1) & torch.isfinite(b2).all(1) & torch.isfinite(x2).all(1)
+    keep = finite[:, None]
+    a2, b2, x2 = (torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in (a2, b2, x2))
+    if isinstance(weight, str):
+        if weight != "adaptive":
+            raise ValueError(f"reference.ipfm_generator_loss: weight must be 'adaptive' or a [B] tensor, got {weight!r}")
+        w = 1.0 / (x2 - a2).abs().mean(1).clamp_min(1e-5)
+        w = w.detach()
+    else:
+        w = torch.where(finite, weight.reshape(rows), torch.zeros((), dtype=weight.dtype, device=weight.device))
+    diff = a2 - b2
+    per_row = w * (diff * ((a2 - x2) - alpha * diff)).sum(1)
+    per_row = torch.where(finite, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device))
+    loss = _reduce(per_row, reduction, "reference.ipfm_generator_loss")
+    return (loss, (~finite).sum()) if return_masked else loss
+
+
+def fake_loss_weight(sigma, sigma_data=0.5):
+    r""":math:`\lambda(\sigma) = (\sigma^2 + \sigma_d^2) / (\sigma \sigma_d)^2` (EDM's loss weight)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def ipfm_fake_loss(fake_out, x, sigma, *, sigma_data=0.5, reduction="mean"):
+    r"""Field-matching loss of the fake network (and PFGM++ teacher training),
+    :math:`\ell_i = \lambda(\sigma_i)\lVert b_i - x_i\rVert^2` with b = fake_out [B, ...],
+    x the target [B, ...] (callers detach it), sigma float or [B]."""
+    op = "reference.ipfm_fake_loss"
+    rows = fake_out.shape[0]
+    compute = torch.float64 if fake_out.dtype == torch.float64 else torch.float32
+    sig = _row_sigma(sigma, rows, fake_out.device, compute, op)
+    per_row = fake_loss_weight(sig, sigma_data) * (fake_out.to(compute) - x.to(compute)).reshape(rows, -1).square().sum(1)
+    return _reduce(per_row, reduction, op)
