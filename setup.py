@@ -127,7 +127,7 @@ extension = Pybind11Extension(
     include_dirs=["csrc/include", "csrc/cpu", "csrc/cuda"],
     depends=HEADERS,
     cxx_std=20,
-    extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
+    extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
     extra_link_args=["-fopenmp"],
 )
 
