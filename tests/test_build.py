@@ -85,9 +85,12 @@ def test_info_command():
 @pytest.mark.slow
 def test_wheel_contains_kernels_and_extension(tmp_path):
     """`pip wheel .` (what `pip install .` builds) ships the Triton kernels and _C."""
+    src = tmp_path / "src"  # a copy, so the build does not touch the checkout's build/
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", "build", ".git", "*.so", "runs", "*.egg-info",
+                                                              "__pycache__", "results"))
     env = dict(os.environ, IPFM_FAST_BUILD_CUDA="0")  # the CPU build is enough to check the contents
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w",
-                    str(tmp_path), ROOT], check=True, env=env, capture_output=True)
+                    str(tmp_path), str(src)], check=True, env=env, capture_output=True)
     (wheel,) = tmp_path.glob("ipfm_fast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "ipfm_fast/kernels/perturb.py" in names
