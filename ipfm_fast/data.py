@@ -123,13 +123,13 @@ def _labels(arr, n, where):
 
 
 def _from_arrays(name, images, labels, test_fraction, info, split=None):
-    n = images.shape[0]
     scale = 2.0 / 255.0
     if split is not None:
         (xtr, ytr), (xte, yte) = split
         train = Split(torch.from_numpy(xtr), ytr, scale)
         test = Split(torch.from_numpy(xte), yte, scale)
     else:
+        n = images.shape[0]
         if not 0 < test_fraction < 1:
             raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
         test = max(1, int(round(n * test_fraction)))
@@ -270,7 +270,7 @@ def save_grid(x, path, *, nrow=None, pad=1, upscale=None):
         r, col = divmod(i, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = imgs[i]
     if upscale is None:
-        upscale = max(1, 256 // grid.shape[1])
+        upscale = max(1, -(-256 // grid.shape[1]))
     img = Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3])
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)

@@ -149,6 +149,13 @@ def train_classifier(dataset, *, seed=0, steps=800, batch=128, lr=2e-3, noise=0.
     torch.random.set_rng_state(torch_state)
     if not dataset.num_classes:
         return net.eval(), {"features": "random", "test_accuracy": None}
+    from ipfm_fast.train.common import num_threads
+
+    with num_threads(1 if device.type == "cpu" else None):  # the same numbers whatever the machine's threads
+        return _fit(net, dataset, seed, steps, batch, lr, noise, device, log)
+
+
+def _fit(net, dataset, seed, steps, batch, lr, noise, device, log):
     from ipfm_fast.train.common import batch_indices
 
     train = dataset.train.to(device)
@@ -211,10 +218,7 @@ def load_or_train_classifier(dataset, cache_dir=None, *, device="cpu", log=None)
             except Exception as err:  # noqa: BLE001 - a broken cache is rebuilt
                 if log:
                     log(f"FD classifier cache {path} unreadable ({err}); retraining")
-    from ipfm_fast.train.common import num_threads
-
-    with num_threads(1 if device.type == "cpu" else None):  # same numbers whatever the machine's thread count
-        net, info = train_classifier(dataset, device=device, log=log)
+    net, info = train_classifier(dataset, device=device, log=log)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"

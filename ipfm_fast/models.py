@@ -209,10 +209,11 @@ def model_config(arch, shape, *, width=None, depth=None, mults=None, sigma_data=
     if arch == "unet":
         if len(shape) != 3:
             raise ValueError(f"model: the U-Net needs image rows [C, H, W], got row shape {shape}; use --arch mlp")
-        cfg = dict(arch="unet", shape=shape, width=int(width or 32), depth=int(depth or 1),
-                   mults=[int(m) for m in (mults or (1, 2))])
+        cfg = dict(arch="unet", shape=shape, width=int(32 if width is None else width),
+                   depth=int(1 if depth is None else depth), mults=[int(m) for m in (mults or (1, 2))])
     else:
-        cfg = dict(arch="mlp", shape=shape, width=int(width or 128), depth=int(depth or 3))
+        cfg = dict(arch="mlp", shape=shape, width=int(128 if width is None else width),
+                   depth=int(3 if depth is None else depth))
     cfg["sigma_data"] = float(sigma_data)
     for key in ("width", "depth"):
         if cfg[key] < 1:
