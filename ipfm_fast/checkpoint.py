@@ -6,7 +6,7 @@ Two kinds of file, both ``.safetensors`` with the JSON in the header metadata (k
 - a **denoiser file** (``teacher.safetensors``): the EMA weights a sampler uses and the
   model config that rebuilds the network (``kind: "denoiser"``);
 - a **training checkpoint** (``checkpoint.safetensors``): the online weights
-  (``model/...``), the EMA (``ema/...``), the optimizer state (``optim/...``), the random
+  (``model/...``), the EMA (``ema/...``), the optimizer state (``opt/optim/...``), the random
   generators (``rng/...``) and the step, enough for ``--resume`` to continue a run
   bit-identically on CPU (``kind: "training"``).
 
@@ -130,8 +130,9 @@ def load_denoiser(path, *, device="cpu", which="ema", trust_pickle=False):
         raise ValueError(f"checkpoint: {path!r} has no model config")
     model = build_denoiser(meta["model"])
     if meta.get("kind") == "training":
-        if which not in ("ema", "model"):
-            raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+        names = meta.get("modules", ["model", "ema"])
+        if which not in names:
+            raise ValueError(f"{path!r} holds the weights {names}; {which!r} is not one of them")
         state = _unflat(which, tensors)
     else:
         state = _unflat("net", tensors)
@@ -159,11 +160,11 @@ def optimizer_tensors(optimizer):
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def load_optimizer(optimizer, tensors, meta, device):
+def load_optimizer(optimizer, tensors, meta, device, prefix="optim/"):
     state = {}
     for k, v in tensors.items():
-        if k.startswith("optim/"):
-            _, pid, name = k.split("/", 2)
+        if k.startswith(prefix):
+            pid, name = k[len(prefix):].split("/", 1)
             state.setdefault(int(pid), {})[name] = v.to(device) if name != "step" else v
     for k, v in meta.get("scalars", {}).items():
         pid, name = k.split("/", 1)
@@ -177,33 +178,58 @@ def load_optimizer(optimizer, tensors, meta, device):
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_training(path, *, model, ema, optimizer, generators, step, config, extra=None):
-    """Write a training checkpoint. ``generators``: dict name -> torch.Generator."""
-    tensors = _flat("model", model.state_dict())
-    tensors.update(_flat("ema", ema.state_dict()))
-    opt_t, opt_meta = optimizer_tensors(optimizer)
-    tensors.update(opt_t)
+def save_state(path, *, modules, optimizers, generators, step, config, model_cfg=None, extra=None):
+    """Write a training checkpoint of any loop: ``modules`` name -> nn.Module (e.g.
+    {"model": ..., "ema": ...} or {"generator": ..., "generator_ema": ..., "fake": ...}),
+    ``optimizers`` name -> torch.optim.Optimizer, ``generators`` name -> torch.Generator.
+    ``model_cfg`` (default ``config["model"]``) lets :func:`load_denoiser` rebuild the nets."""
+    tensors, opt_meta = {}, {}
+    for name, module in modules.items():
+        tensors.update(_flat(name, module.state_dict()))
+    for name, opt in optimizers.items():
+        t, m = optimizer_tensors(opt)
+        tensors.update({f"{name}/{k}": v for k, v in t.items()})
+        opt_meta[name] = m
     for name, g in generators.items():
         tensors[f"rng/{name}"] = g.get_state().to("cpu").clone()
-    meta = dict(kind="training", step=int(step), config=config, model=config["model"], optim=opt_meta,
-                **(extra or {}))
+    meta = dict(kind="training", step=int(step), config=config,
+                model=model_cfg if model_cfg is not None else config.get("model"),
+                modules=sorted(modules), optimizers=opt_meta, **(extra or {}))
     return _atomic_save(tensors, meta, path)
 
 
-def load_training(path, *, model, ema, optimizer, generators, device):
-    """Restore a training checkpoint in place; returns its metadata (``meta["step"]``)."""
+def load_state(path, *, modules, optimizers, generators, device):
+    """Restore what :func:`save_state` wrote, in place; returns the metadata (``["step"]``)."""
     tensors, meta = read(path)
     if meta.get("kind") != "training":
         raise ValueError(f"--resume: {path!r} is not a training checkpoint (kind {meta.get('kind')!r})")
-    model.load_state_dict(_unflat("model", tensors, device))
-    ema.load_state_dict(_unflat("ema", tensors, device))
-    load_optimizer(optimizer, tensors, meta["optim"], device)
+    for name, module in modules.items():
+        state = _unflat(name, tensors, device)
+        if not state:
+            raise ValueError(f"--resume: {path!r} has no weights for {name!r} (it holds {meta.get('modules')})")
+        module.load_state_dict(state)
+    for name, opt in optimizers.items():
+        if name not in meta.get("optimizers", {}):
+            raise ValueError(f"--resume: {path!r} has no optimizer state {name!r}")
+        load_optimizer(opt, _unflat(name, tensors), meta["optimizers"][name], device, prefix="optim/")
     for name, g in generators.items():
         key = f"rng/{name}"
         if key not in tensors:
             raise ValueError(f"--resume: {path!r} lacks the random state {name!r}")
         g.set_state(tensors[key])
     return meta
+
+
+def save_training(path, *, model, ema, optimizer, generators, step, config, extra=None):
+    """The teacher's checkpoint: online weights ``model/``, EMA ``ema/``, Adam ``opt/``."""
+    return save_state(path, modules={"model": model, "ema": ema}, optimizers={"opt": optimizer},
+                      generators=generators, step=step, config=config, extra=extra)
+
+
+def load_training(path, *, model, ema, optimizer, generators, device):
+    """Restore a teacher checkpoint in place; returns its metadata (``meta["step"]``)."""
+    return load_state(path, modules={"model": model, "ema": ema}, optimizers={"opt": optimizer},
+                      generators=generators, device=device)
 
 
 # --------------------------------------------------------------------------------------

@@ -80,10 +80,6 @@ def _add_runtime(p):
                    help="tqdm progress bars (default: when stderr is a terminal)")
 
 
-def _progress_enabled(args):
-    return args.progress
-
-
 def _log(msg):
     print(msg, flush=True)
 
@@ -144,7 +140,6 @@ def add_train_teacher(sub):
 
 
 def cmd_train_teacher(args):
-    from ipfm_fast.train import common
     from ipfm_fast.train.teacher import TeacherConfig, train_teacher
 
     cfg = TeacherConfig(
@@ -154,10 +149,7 @@ def cmd_train_teacher(args):
         device=args.device, precision=args.precision, threads=args.threads,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, eval_samples=args.eval_samples,
         eval_steps=args.eval_steps, test_fraction=args.test_fraction)
-    bar = None
-    if args.progress is not None:
-        bar = common.progress(args.steps, desc="train-teacher", enabled=args.progress)
-    summary = train_teacher(cfg, resume=args.resume, progress=bar, log=_log)
+    summary = train_teacher(cfg, resume=args.resume, progress=args.progress, log=_log)
     print(f"summary: {os.path.join(args.out, 'summary.json')}")
     return 0 if summary else 1
 

@@ -123,3 +123,29 @@ def test_pickle_needs_explicit_trust(tmp_path):
         ckpt.load_denoiser(pt)
     loaded, _ = ckpt.load_denoiser(pt, trust_pickle=True)
     torch.testing.assert_close(loaded(x, 0.5), m(x, 0.5).detach())
+
+
+def test_generic_state_for_other_loops(tmp_path):
+    """save_state/load_state hold any set of modules and optimizers (e.g. distillation's
+    generator, its EMA and the fake network), and load_denoiser picks one by name."""
+    cfg = model_config("mlp", [1, 4, 4], width=16, depth=1)
+    nets = {"generator": _model(1), "generator_ema": _model(2), "fake": _model(3)}
+    opts = {"opt_g": torch.optim.Adam(nets["generator"].parameters(), betas=(0.0, 0.999)),
+            "opt_f": torch.optim.Adam(nets["fake"].parameters())}
+    for name in ("generator", "fake"):
+        nets[name](torch.randn(2, 1, 4, 4), 1.0).sum().backward()
+    for o in opts.values():
+        o.step()
+    path = ckpt.save_state(tmp_path / "c.safetensors", modules=nets, optimizers=opts, generators={},
+                           step=7, config={"D": "inf"}, model_cfg=cfg)
+    fresh = {k: _model(9) for k in nets}
+    fresh_opts = {"opt_g": torch.optim.Adam(fresh["generator"].parameters()),
+                  "opt_f": torch.optim.Adam(fresh["fake"].parameters())}
+    meta = ckpt.load_state(path, modules=fresh, optimizers=fresh_opts, generators={}, device="cpu")
+    assert meta["step"] == 7 and fresh_opts["opt_g"].param_groups[0]["betas"] == (0.0, 0.999)
+    for k in nets:
+        assert all(torch.equal(a, b) for a, b in zip(nets[k].state_dict().values(), fresh[k].state_dict().values()))
+    g, _ = ckpt.load_denoiser(path, which="generator_ema")
+    assert all(torch.equal(a, b) for a, b in zip(g.state_dict().values(), nets["generator_ema"].state_dict().values()))
+    with pytest.raises(ValueError, match="not one of them"):
+        ckpt.load_denoiser(path, which="ema")

@@ -56,7 +56,7 @@ def test_resume_is_bit_identical(tmp_path, target):
     # the resumed run takes its recipe from the checkpoint: a different lr here is ignored
     train_teacher(TeacherConfig(out=str(tmp_path / "split"), **dict(kw, lr=1.0)), resume=True, log=_quiet)
     a, b = _tensors(tmp_path / "full" / "checkpoint.safetensors"), _tensors(tmp_path / "split" / "checkpoint.safetensors")
-    assert a.keys() == b.keys() and any(k.startswith("optim/") for k in a) and "rng/train" in a
+    assert a.keys() == b.keys() and any(k.startswith("opt/optim/") for k in a) and "rng/train" in a
     for k in a:
         assert torch.equal(a[k], b[k]), k
     log_full = [json.loads(s)["loss"] for s in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]

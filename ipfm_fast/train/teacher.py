@@ -22,7 +22,6 @@ cached FD classifier.
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -131,7 +130,9 @@ def teacher_loss(model, x, cfg, generator, train=None, autocast=None):
 
 
 def train_teacher(cfg, *, resume=False, progress=None, log=print):
-    """Train (or, with ``resume``, continue) a teacher; returns the summary dict."""
+    """Train (or, with ``resume``, continue) a teacher; returns the summary dict.
+    ``progress``: show a tqdm bar (None: when stderr is a terminal); ``log``: where the
+    one-line messages go."""
     cfg.validate()
     with contextlib.ExitStack() as stack:
         return _train_teacher(cfg, resume=resume, progress=progress, log=log, stack=stack)
@@ -187,7 +188,7 @@ def _train_teacher(cfg, *, resume, progress, log, stack):
     common.truncate_jsonl(log_path, start if resume else -1)
 
     amp = common.autocast(device, precision)
-    bar = progress if progress is not None else common.progress(cfg.steps, initial=start, desc="train-teacher")
+    bar = common.progress(cfg.steps, initial=start, desc="train-teacher", enabled=progress)
     t0 = time.perf_counter()
     t_last, n_last, loss_acc, loss_n = t0, 0, torch.zeros((), device=device), 0
     step = start
@@ -273,7 +274,3 @@ def evaluate_denoiser(model, data, D, cache_dir, *, num, steps=18, seeds=(0,), d
         f"{res['baseline_fd']:.3f}; ratio {fd['mean'] / max(res['baseline_fd'], 1e-12):.2f}x | "
         f"SW: {sw['mean']:.4f} vs baseline {res['baseline_sw']:.4f}")
     return res
-
-
-def config_summary(cfg):
-    return json.dumps(cfg.to_json(), indent=2)
