@@ -15,6 +15,11 @@ r"""Sample-quality metrics against a data set's held-out split.
 - **Sliced Wasserstein-2 (SW)** in pixel space: the root mean square over fixed random
   unit directions of the 1-D W2 distance between the projected sets (quantile functions).
 
+- **nn_ratio**, a memorisation check: the median pixel distance of the samples to their
+  nearest training image over the same median for the test images. About 1 = samples
+  are as novel as held-out data; well below 1 = the model copies training images (which
+  the FD alone would not notice: a copy of the training set scores the baseline).
+
 Every score comes with the **data baseline**: the same metric between the training split
 and the test split, i.e. what a perfect sampler that memorised nothing would score with
 that many samples. By default the number of generated samples equals the training
@@ -244,6 +249,8 @@ class Evaluator:
         self.test_x = dataset.test.floats()
         self.test_stats = gaussian_stats(extract(self.net, self.test_x, device=self.device))
         train_x = dataset.train.floats()
+        self.train_x = train_x
+        self._test_nn = float(nearest_distance(self.test_x, train_x).median())
         self.baseline = {
             "baseline_fd": frechet_distance(*gaussian_stats(extract(self.net, train_x, device=self.device)),
                                             *self.test_stats),
@@ -264,8 +271,15 @@ class Evaluator:
                              f"{self.dataset.shape}")
         fd = frechet_distance(*gaussian_stats(extract(self.net, x, device=self.device)), *self.test_stats)
         sw = sliced_wasserstein(x, self.test_x, projections=self.sw_projections)
-        return {"fd": fd, "sw": sw, "n": len(x), "n_test": len(self.test_x), **self.baseline,
+        nn_ratio = float(nearest_distance(x, self.train_x).median()) / self._test_nn
+        return {"fd": fd, "sw": sw, "nn_ratio": nn_ratio, "n": len(x), "n_test": len(self.test_x), **self.baseline,
                 "features": self.info["features"], "classifier_test_accuracy": self.info["test_accuracy"]}
+
+
+def nearest_distance(a, ref, batch=2048):
+    """Pixel-space L2 distance of each row of ``a`` to its nearest row of ``ref`` ([n])."""
+    a, ref = a.reshape(len(a), -1).float(), ref.reshape(len(ref), -1).float()
+    return torch.cat([torch.cdist(a[i:i + batch], ref).min(1).values for i in range(0, len(a), batch)])
 
 
 def summarize(values):

@@ -118,5 +118,7 @@ def test_evaluator_baseline_and_cache(tmp_path):
     noise = ev.score(torch.rand(1437, 1, 8, 8) * 2 - 1)
     assert real["fd"] == pytest.approx(ev.baseline["baseline_fd"])  # the same sets
     assert noise["fd"] > 20 * real["fd"] and noise["sw"] > 2 * real["sw"]
+    assert real["nn_ratio"] == 0.0  # copies of the training set
+    assert ev.score(data.test.floats())["nn_ratio"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="shape"):
         ev.score(torch.zeros(10, 1, 4, 4))

@@ -265,12 +265,14 @@ def evaluate_denoiser(model, data, D, cache_dir, *, num, steps=18, seeds=(0,), d
             save_grid(x[:100], grid, nrow=10)
     fd = summarize([r["fd"] for r in per_seed])
     sw = summarize([r["sw"] for r in per_seed])
-    res = {"fd": fd, "sw": sw, "baseline_fd": ev.baseline["baseline_fd"], "baseline_sw": ev.baseline["baseline_sw"],
+    nn_ratio = summarize([r["nn_ratio"] for r in per_seed])
+    res = {"fd": fd, "sw": sw, "nn_ratio": nn_ratio, "baseline_fd": ev.baseline["baseline_fd"], "baseline_sw": ev.baseline["baseline_sw"],
            "nfe": nfe(steps), "steps": steps, "num_samples": num, "n_test": len(data.test),
            "features": ev.info["features"], "classifier_test_accuracy": ev.info["test_accuracy"],
            "seconds": time.perf_counter() - t0, "per_seed": per_seed}
     spread = f" +- {fd['std']:.3f} (std over {len(seeds)} seeds)" if len(seeds) > 1 else f" (seed {seeds[0]})"
     log(f"FD at {res['nfe']} NFE: {fd['mean']:.3f}{spread}; data baseline (train vs test): "
         f"{res['baseline_fd']:.3f}; ratio {fd['mean'] / max(res['baseline_fd'], 1e-12):.2f}x | "
-        f"SW: {sw['mean']:.4f} vs baseline {res['baseline_sw']:.4f}")
+        f"SW: {sw['mean']:.4f} vs baseline {res['baseline_sw']:.4f} | nearest-train-image distance ratio "
+        f"{nn_ratio['mean']:.2f} (1 = as novel as test images)")
     return res
