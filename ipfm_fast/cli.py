@@ -162,8 +162,9 @@ def cmd_train_teacher(args):
 def _add_model_source(p):
     p.add_argument("--teacher", required=True,
                    help="run folder, teacher.safetensors, a training checkpoint, or (with --trust-pickle) a .pkl/.pt")
-    p.add_argument("--weights", default="ema", choices=("ema", "model"),
-                   help="which weights of a training checkpoint (the EMA samples well; the online weights do not)")
+    p.add_argument("--weights", default="ema",
+                   help="which weights of a training checkpoint: ema (default; samples well) or model (the online "
+                        "weights, which do not)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickle (.pkl/.pt): this EXECUTES CODE from the file; only for trusted files")
     p.add_argument("--D", type=parse_D, default=None, help="augmentation dimension (default: the checkpoint's)")
@@ -256,7 +257,8 @@ def add_evaluate(sub):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--teacher", help="run folder or denoiser file to sample (see `ipfm-fast sample --help`)")
     src.add_argument("--samples", help=".npz of samples (uint8 x [N, H, W, C], as `sample --npz` writes)")
-    p.add_argument("--weights", default="ema", choices=("ema", "model"), help=argparse.SUPPRESS)
+    p.add_argument("--weights", default="ema",
+                   help="which weights of a training checkpoint: ema (default) or model (online weights)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickle (.pkl/.pt): this EXECUTES CODE from the file; only for trusted files")
     p.add_argument("--D", type=parse_D, default=None, help="augmentation dimension (default: the checkpoint's)")
