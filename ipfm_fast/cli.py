@@ -107,7 +107,9 @@ def add_train_teacher(sub):
     p.add_argument("--out", default=d.out, help="run folder")
     p.add_argument("--D", type=parse_D, default=d.D, help="augmentation dimension: a positive number or inf (EDM)")
     m = p.add_argument_group("model")
-    m.add_argument("--arch", default=d.arch, choices=("mlp", "unet"), help="raw network inside EDM preconditioning")
+    m.add_argument("--arch", default=d.arch, choices=("auto", "mlp", "unet"),
+                   help="raw network inside EDM preconditioning; auto = MLP for images of <= 1024 values "
+                        "(e.g. 8x8 digits), U-Net for larger ones")
     m.add_argument("--width", type=_positive_int, default=None,
                    help="MLP width (default 128) or U-Net base channels (default 32)")
     m.add_argument("--depth", type=_positive_int, default=None,

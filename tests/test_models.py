@@ -76,6 +76,16 @@ def test_config_roundtrip_and_counts():
     assert isinstance(mlp.net, MLPNet) and count_params(mlp) > count_params(build_denoiser(model_config("mlp", [1, 8, 8], width=16)))
 
 
+def test_auto_arch_and_default_mults():
+    assert model_config("auto", [1, 8, 8])["arch"] == "mlp"
+    big = model_config("auto", [3, 32, 32])
+    assert big["arch"] == "unet" and big["mults"] == [1, 2, 2, 2]
+    assert model_config("unet", [3, 12, 12])["mults"] == [1, 2, 2]
+    assert model_config("unet", [1, 6, 6])["mults"] == [1, 2]
+    assert model_config("unet", [1, 5, 5])["mults"] == [1]
+    build_denoiser(model_config("unet", [1, 5, 5], width=4))(torch.randn(2, 1, 5, 5), 1.0)
+
+
 def test_bad_configs():
     with pytest.raises(ValueError, match="arch"):
         model_config("resnet", [1, 8, 8])

@@ -70,6 +70,10 @@ def test_d_inf_and_field_target_train(tmp_path):
     _, meta = ckpt.read(tmp_path / "inf" / "teacher.safetensors")
     assert meta["D"] == "inf"
     train_teacher(TeacherConfig(out=str(tmp_path / "f"), target="field", ref_batch=64, steps=3, **TINY), log=_quiet)
+    unet = dict(TINY, arch="unet", width=8)
+    train_teacher(TeacherConfig(out=str(tmp_path / "u"), steps=2, **unet), log=_quiet)
+    model, meta = ckpt.load_denoiser(tmp_path / "u")
+    assert meta["model"]["arch"] == "unet" and model(torch.zeros(2, 1, 8, 8), 1.0).shape == (2, 1, 8, 8)
 
 
 def test_field_target_is_close_to_x_at_small_sigma():
@@ -91,6 +95,23 @@ def test_config_errors(tmp_path):
         train_teacher(TeacherConfig(out=str(tmp_path), D=-1.0, **TINY), log=_quiet)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train_teacher(TeacherConfig(out=str(tmp_path / "none"), **TINY), resume=True, log=_quiet)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_run_and_sampling(tmp_path):
+    """On a GPU: bf16 autocast training, checkpoint, resume and sampling on the device."""
+    from ipfm_fast.sampling import sample
+
+    kw = dict(TINY, device="cuda", precision="bf16", steps=6, checkpoint_every=3)
+    s = train_teacher(TeacherConfig(out=str(tmp_path), **dict(kw, steps=3)), log=_quiet)
+    assert s["precision"] == "bf16" and s["device"].startswith("cuda")
+    train_teacher(TeacherConfig(out=str(tmp_path), **kw), resume=True, log=_quiet)
+    model, _ = ckpt.load_denoiser(tmp_path, device="cuda")
+    x = sample(model, 8, [1, 8, 8], 128.0, seed=0, steps=2, device="cuda",
+               autocast=lambda: common.autocast(torch.device("cuda"), "bf16"))
+    assert x.is_cuda and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert torch.equal(x, sample(model, 8, [1, 8, 8], 128.0, seed=0, steps=2, device="cuda",
+                                 autocast=lambda: common.autocast(torch.device("cuda"), "bf16")))
 
 
 def test_ema_warmup_and_decay():

@@ -49,7 +49,7 @@ class TeacherConfig:
     data: str = "digits"
     out: str = "runs/teacher"
     D: float = 128.0
-    arch: str = "mlp"
+    arch: str = "auto"
     width: int | None = None
     depth: int | None = None
     mults: list | None = None
