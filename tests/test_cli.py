@@ -126,3 +126,17 @@ def test_bad_arguments_exit_2(argv, capsys):
 def test_sample_needs_an_output(tmp_path, capsys):
     assert main(["sample", "--teacher", str(tmp_path)]) == 2
     assert "--png" in capsys.readouterr().err
+
+
+def test_npz_data_without_labels(tmp_path, capsys):
+    """A user's .npz (no labels): trains, and the FD falls back to random features."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "imgs.npz", x=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
+    run = tmp_path / "run"
+    assert main(["train-teacher", "--data", str(tmp_path / "imgs.npz"), "--out", str(run), "--eval-samples", "20",
+                 "--eval-steps", "2", "--test-fraction", "0.25", *TINY]) == 0
+    ev = json.loads((run / "summary.json").read_text())["eval"]
+    assert ev["features"] == "random" and ev["n_test"] == 10 and ev["baseline_fd"] >= 0
+    assert "30 train / 10 test images of 3x8x8, no labels" in capsys.readouterr().out
