@@ -288,8 +288,8 @@ def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive
     or a given weight [B]. Rows with a NaN/Inf in any input contribute 0 and get zero
     gradient. reduction: "mean" = sum of per-row losses / B (as the reference loops
     scale it), "sum", or "none" -> [B]. With ``return_masked`` also returns the number of
-    masked rows as a 0-dim int64 tensor (no host sync). Computed in the inputs' dtype
-    (plain eager PyTorch; float64 for the tests' ground truth).
+    masked rows as a 0-dim int64 tensor (no host sync). Computed in float32 (float64 for
+    float64 inputs, the tests' ground truth); the loss has that dtype.
     """
     op = "reference.ipfm_generator_loss"
     a, b = teacher_out, fake_out
@@ -297,7 +297,9 @@ def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive
     alpha = check_real(alpha, "alpha", op)
     weight = check_loss_weight(weight, rows, a.device, op)
     check_reduction(reduction, op)
-    a2, b2, x2 = (t.reshape(rows, -1) for t in (a, b, x))
+    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+    n = math.prod(a.shape[1:])
+    a2, b2, x2 = (t.reshape(rows, n).to(compute) for t in (a, b, x))
     finite = torch.isfinite(a2).all(1) & torch.isfinite(b2).all(1) & torch.isfinite(x2).all(1)
     keep = finite[:, None]
     a2, b2, x2 = (torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in (a2, b2, x2))
@@ -305,7 +307,7 @@ def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive
         w = 1.0 / (x2 - a2).abs().mean(1).clamp_min(1e-5)
         w = w.detach()
     else:
-        w = torch.where(finite, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        w = torch.where(finite, weight.to(compute), torch.zeros((), dtype=compute, device=weight.device))
     diff = a2 - b2
     per_row = w * (diff * ((a2 - x2) - alpha * diff)).sum(1)
     per_row = torch.where(finite, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device))
@@ -329,5 +331,35 @@ def ipfm_fake_loss(fake_out, x, sigma, *, sigma_data=0.5, reduction="mean"):
     check_reduction(reduction, op)
     compute = torch.float64 if fake_out.dtype == torch.float64 else torch.float32
     sig = _row_sigma(sigma, rows, fake_out.device, compute, op)
-    per_row = fake_loss_weight(sig, sigma_data) * (fake_out.to(compute) - x.to(compute)).reshape(rows, -1).square().sum(1)
+    per_row = fake_loss_weight(sig, sigma_data) * (fake_out.to(compute) - x.to(compute)).reshape(rows, math.prod(x.shape[1:])).square().sum(1)
     return _reduce(per_row, reduction, op)
+
+
+def ipfm_generator_loss_sid_style(teacher_out, fake_out, x, *, alpha=1.0):
+    r"""The generator loss as the SiD / IPFM training loops write it in eager PyTorch (the
+    baseline the fused kernels are measured against): rows with a NaN are dropped by
+    boolean indexing (a host sync), the adaptive weight is taken in fp32 without
+    gradient, about ten elementwise passes forward and as many backward; returns the sum
+    of the per-row losses / B (reduction "mean")."""
+    a, b = teacher_out, fake_out
+    rows = x.shape[0]
+    dims = list(range(1, x.dim()))
+    nan_rows = torch.isnan(x).flatten(1).any(1) | torch.isnan(a).flatten(1).any(1) | torch.isnan(b).flatten(1).any(1)
+    if nan_rows.any():
+        keep = ~nan_rows
+        a, b, x = a[keep], b[keep], x[keep]
+    with torch.no_grad():
+        weight_factor = (x.float() - a.float()).abs().mean(dim=dims, keepdim=True).clip(min=1e-5)
+    loss = (a - b) * ((a - x) - alpha * (a - b)) / weight_factor
+    return loss.sum() / rows
+
+
+def ipfm_fake_loss_edm_style(fake_out, x, sigma, *, sigma_data=0.5):
+    r"""The fake-network loss as EDM / SiD write it in eager PyTorch (baseline):
+    ``weight * (b - x) ** 2`` with the weight broadcast per row, summed / B."""
+    rows = fake_out.shape[0]
+    if not isinstance(sigma, torch.Tensor):
+        sigma = torch.full((rows,), float(sigma), device=fake_out.device)
+    sigma = sigma.reshape(rows, *[1] * (fake_out.dim() - 1))
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    return (weight * ((fake_out - x) ** 2)).sum() / rows

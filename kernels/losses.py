@@ -66,14 +66,14 @@ def gen_finalize_kernel(
 ):
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     count = tl.zeros([BLOCK_R], dtype=tl.int32)
-    r0 = 0
+    r0 = rows * 0  # a runtime i32, so that the compiled while loop can carry it
     while r0 < rows:  # while, not range(): the interpreter cannot range over a runtime int
         r = r0 + tl.arange(0, BLOCK_R)
         live = r < rows
         su = tl.zeros([BLOCK_R], dtype=tl.float32)
         sabs = tl.zeros([BLOCK_R], dtype=tl.float32)
         sbad = tl.zeros([BLOCK_R], dtype=tl.float32)
-        c = 0
+        c = chunks * 0
         while c < chunks:
             p = partial_ptr + (r.to(tl.int64) * chunks + c) * 3
             su += tl.load(p, mask=live, other=0.0)
@@ -161,12 +161,12 @@ def fake_finalize_kernel(
 ):
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     sd2 = sigma_data * sigma_data
-    r0 = 0
+    r0 = rows * 0  # a runtime i32, so that the compiled while loop can carry it
     while r0 < rows:
         r = r0 + tl.arange(0, BLOCK_R)
         live = r < rows
         s = tl.zeros([BLOCK_R], dtype=tl.float32)
-        c = 0
+        c = chunks * 0
         while c < chunks:
             s += tl.load(partial_ptr + r.to(tl.int64) * chunks + c, mask=live, other=0.0)
             c += 1

@@ -207,7 +207,7 @@ void zero_row(T* g, int64_t n) {
 
 template <typename T>
 void gen_forward(Rows<T> a, Rows<T> b, Rows<T> x, int64_t rows, int64_t n, const float* weight, float alpha,
-                 int reduction, T* loss, int64_t* masked, float* stats, int threads) {
+                 int reduction, float* loss, int64_t* masked, float* stats, int threads) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t work = rows * chunks;
   std::vector<float> partials(static_cast<size_t>(work) * kGenPartials);
@@ -232,17 +232,17 @@ void gen_forward(Rows<T> a, Rows<T> b, Rows<T> x, int64_t rows, int64_t n, const
     stats[row] = r.w;
     stats[rows + row] = r.u;
     stats[2 * rows + row] = r.keep;
-    if (reduction == static_cast<int>(Reduction::kNone)) store(loss + row, r.loss);
+    if (reduction == static_cast<int>(Reduction::kNone)) loss[row] = r.loss;
     total += r.loss;
     count += r.keep == 0.0f;
   }
-  if (reduction == static_cast<int>(Reduction::kMean)) store(loss, static_cast<float>(total / static_cast<double>(rows)));
-  if (reduction == static_cast<int>(Reduction::kSum)) store(loss, static_cast<float>(total));
+  if (reduction == static_cast<int>(Reduction::kMean)) *loss = static_cast<float>(total / static_cast<double>(rows));
+  if (reduction == static_cast<int>(Reduction::kSum)) *loss = static_cast<float>(total);
   if (masked) *masked = count;
 }
 
 template <typename T>
-void gen_backward(const T* grad, int64_t grad_stride, Rows<T> a, Rows<T> b, Rows<T> x, int64_t rows, int64_t n,
+void gen_backward(const float* grad, int64_t grad_stride, Rows<T> a, Rows<T> b, Rows<T> x, int64_t rows, int64_t n,
                   const float* stats, float alpha, float scale, T* ga, T* gb, T* gx, int64_t g_stride,
                   int threads) {
   const auto kernel = Kernels<T>::gen_grad(ga != nullptr, gb != nullptr, gx != nullptr);
@@ -263,7 +263,7 @@ void gen_backward(const T* grad, int64_t grad_stride, Rows<T> a, Rows<T> b, Rows
       zero_row(gx_r, len);
       continue;
     }
-    const float c = gen_grad_coef(load(grad + row * grad_stride), scale, stats[row], 1.0f);
+    const float c = gen_grad_coef(grad[row * grad_stride], scale, stats[row], 1.0f);
     kernel(a.row(row) + e0, b.row(row) + e0, x.row(row) + e0, ga_r, gb_r, gx_r, len, alpha, c);
   }
 }
@@ -331,7 +331,7 @@ void gen_loss_forward(uintptr_t a, int64_t a_stride, uintptr_t b, int64_t b_stri
   check_shape(rows, n, "ipfm_generator_loss");
   dispatch_dtype(dtype, [&]<typename T>() {
     gen_forward<T>(rows_of<T>(a, a_stride), rows_of<T>(b, b_stride), rows_of<T>(x, x_stride), rows, n,
-                   reinterpret_cast<const float*>(weight), alpha, reduction, reinterpret_cast<T*>(loss),
+                   reinterpret_cast<const float*>(weight), alpha, reduction, reinterpret_cast<float*>(loss),
                    reinterpret_cast<int64_t*>(masked), reinterpret_cast<float*>(stats), resolve_threads(threads));
   });
 }
@@ -342,7 +342,7 @@ void gen_loss_backward(uintptr_t grad, int64_t grad_stride, uintptr_t a, int64_t
                        int64_t g_stride, int threads) {
   check_shape(rows, n, "ipfm_generator_loss_backward");
   dispatch_dtype(dtype, [&]<typename T>() {
-    gen_backward<T>(reinterpret_cast<const T*>(grad), grad_stride, rows_of<T>(a, a_stride), rows_of<T>(b, b_stride),
+    gen_backward<T>(reinterpret_cast<const float*>(grad), grad_stride, rows_of<T>(a, a_stride), rows_of<T>(b, b_stride),
                     rows_of<T>(x, x_stride), rows, n, reinterpret_cast<const float*>(stats), alpha, scale,
                     reinterpret_cast<T*>(ga), reinterpret_cast<T*>(gb), reinterpret_cast<T*>(gx), g_stride,
                     resolve_threads(threads));

@@ -140,10 +140,9 @@ gen_partial_kernel(const T* __restrict__ a, int64_t a_stride, const T* __restric
     for (int k = 0; k < kGenPartials; ++k) partials[blockIdx.x * kGenPartials + k] = acc[k];
 }
 
-template <typename T>
 __global__ void __launch_bounds__(kFinalThreads)
 gen_finalize_kernel(const float* __restrict__ partials, int64_t rows, int64_t n, int64_t chunks,
-                    const float* __restrict__ weight, int reduction, T* __restrict__ loss,
+                    const float* __restrict__ weight, int reduction, float* __restrict__ loss,
                     int64_t* __restrict__ masked, float* __restrict__ stats) {
   float acc[2] = {0.0f, 0.0f};  // loss, masked rows
   for (int64_t row = threadIdx.x; row < rows; row += kFinalThreads) {
@@ -158,7 +157,7 @@ gen_finalize_kernel(const float* __restrict__ partials, int64_t rows, int64_t n,
     stats[row] = r.w;
     stats[rows + row] = r.u;
     stats[2 * rows + row] = r.keep;
-    if (reduction == static_cast<int>(Reduction::kNone)) loss[row] = from_f<T>(r.loss);
+    if (reduction == static_cast<int>(Reduction::kNone)) loss[row] = r.loss;
     acc[0] += r.loss;
     acc[1] += 1.0f - r.keep;
   }
@@ -174,21 +173,21 @@ gen_finalize_kernel(const float* __restrict__ partials, int64_t rows, int64_t n,
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    if (reduction == static_cast<int>(Reduction::kMean)) loss[0] = from_f<T>(sums[0][0] / static_cast<float>(rows));
-    if (reduction == static_cast<int>(Reduction::kSum)) loss[0] = from_f<T>(sums[0][0]);
+    if (reduction == static_cast<int>(Reduction::kMean)) loss[0] = sums[0][0] / static_cast<float>(rows);
+    if (reduction == static_cast<int>(Reduction::kSum)) loss[0] = sums[0][0];
     if (masked) *masked = static_cast<int64_t>(sums[1][0]);
   }
 }
 
 template <typename T, bool kAligned, bool kA, bool kB, bool kX>
 __global__ void __launch_bounds__(kThreads)
-gen_backward_kernel(const T* __restrict__ grad, int64_t grad_stride, const T* __restrict__ a, int64_t a_stride,
+gen_backward_kernel(const float* __restrict__ grad, int64_t grad_stride, const T* __restrict__ a, int64_t a_stride,
                     const T* __restrict__ b, int64_t b_stride, const T* __restrict__ x, int64_t x_stride,
                     int64_t rows, int64_t n, int64_t chunks, const float* __restrict__ stats, float alpha,
                     float scale, T* __restrict__ ga, T* __restrict__ gb, T* __restrict__ gx, int64_t g_stride) {
   const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   const bool keep = stats[2 * rows + row] != 0.0f;
-  const float c = gen_grad_coef(to_f(grad[row * grad_stride]), scale, stats[row], keep ? 1.0f : 0.0f);
+  const float c = gen_grad_coef(grad[row * grad_stride], scale, stats[row], keep ? 1.0f : 0.0f);
   const float ca = 1.0f - 2.0f * alpha, cb = 2.0f * alpha;
   const T* ar = a + row * a_stride;
   const T* br = b + row * b_stride;
@@ -339,14 +338,14 @@ cudaError_t gen_forward(uintptr_t a, int64_t a_stride, uintptr_t b, int64_t b_st
     else launch(gen_partial_kernel<T, false>);
     if (const cudaError_t err = cudaGetLastError()) return err;
   }
-  gen_finalize_kernel<T><<<1, kFinalThreads, 0, stream>>>(
-      partials, rows, n, chunks, reinterpret_cast<const float*>(weight), reduction, reinterpret_cast<T*>(loss),
+  gen_finalize_kernel<<<1, kFinalThreads, 0, stream>>>(
+      partials, rows, n, chunks, reinterpret_cast<const float*>(weight), reduction, reinterpret_cast<float*>(loss),
       reinterpret_cast<int64_t*>(masked), reinterpret_cast<float*>(stats));
   return cudaGetLastError();
 }
 
 template <typename T, bool kAligned>
-void gen_backward_launch(bool na, bool nb, bool nx, dim3 grid, cudaStream_t stream, const T* grad,
+void gen_backward_launch(bool na, bool nb, bool nx, dim3 grid, cudaStream_t stream, const float* grad,
                          int64_t grad_stride, const T* a, int64_t a_stride, const T* b, int64_t b_stride, const T* x,
                          int64_t x_stride, int64_t rows, int64_t n, int64_t chunks, const float* stats, float alpha,
                          float scale, T* ga, T* gb, T* gx, int64_t g_stride) {
@@ -378,7 +377,7 @@ cudaError_t gen_backward(uintptr_t grad, int64_t grad_stride, uintptr_t a, int64
   const bool aligned = aligned4<T>({a, b, x, ga, gb, gx}, {a_stride, b_stride, x_stride, g_stride});
   auto args = [&](auto aligned_tag) {
     gen_backward_launch<T, decltype(aligned_tag)::value>(
-        ga != 0, gb != 0, gx != 0, dim3(static_cast<unsigned>(blocks)), stream, reinterpret_cast<const T*>(grad),
+        ga != 0, gb != 0, gx != 0, dim3(static_cast<unsigned>(blocks)), stream, reinterpret_cast<const float*>(grad),
         grad_stride, reinterpret_cast<const T*>(a), a_stride, reinterpret_cast<const T*>(b), b_stride,
         reinterpret_cast<const T*>(x), x_stride, rows, n, chunks, reinterpret_cast<const float*>(stats), alpha, scale,
         reinterpret_cast<T*>(ga), reinterpret_cast<T*>(gb), reinterpret_cast<T*>(gx), g_stride);

@@ -68,7 +68,7 @@ def _kernel_inputs(*ts):
     its elements in the same order in every tensor. Tensors are used in place when their
     layouts agree (contiguous, channels_last, sliced rows, ...); otherwise those that are
     not row-major get a contiguous copy."""
-    if all(_launch.rows_dense(t) for t in ts) and len({_inner(t) for t in ts}) == 1:
+    if all(_launch.rows_dense(t) for t in ts) and all(_inner(t) == _inner(ts[0]) for t in ts[1:]):
         return ts
     return tuple(t if _launch.rows_dense(t) and _inner(t) == _contiguous_inner(t) else t.contiguous() for t in ts)
 
@@ -110,7 +110,7 @@ def _grad_stride(grad):
 
 def _launch_gen_forward(backend, a, b, x, weight, alpha, reduction, loss, masked, stats):
     """Runs one fused forward: a, b, x share the row layout of _kernel_inputs; weight is
-    None (adaptive) or fp32 [B]; writes loss, masked (int64 []) and stats (fp32 [3, B])."""
+    None (adaptive) or fp32 [B]; writes loss (fp32), masked (int64 []) and stats (fp32 [3, B])."""
     rows, n = a.shape[0], _row_numel(a)
     strides = [_launch.row_stride(t) for t in (a, b, x)]
     red = _REDUCTIONS[reduction]
@@ -234,7 +234,7 @@ def _launch_fake_backward(backend, grad, b, x, stats, scale, gb, gx):
 
 def _gen_outputs(a, reduction):
     rows = a.shape[0]
-    loss = a.new_empty((rows,) if reduction == "none" else ())
+    loss = torch.empty((rows,) if reduction == "none" else (), dtype=torch.float32, device=a.device)
     masked = torch.empty((), dtype=torch.int64, device=a.device)
     stats = torch.empty((3, rows), dtype=torch.float32, device=a.device)
     return loss, masked, stats
@@ -243,7 +243,7 @@ def _gen_outputs(a, reduction):
 @torch.library.custom_op("ipfm_fast::ipfm_generator_loss", mutates_args=())
 def _gen_loss_op(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, alpha: float,
                  reduction: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss in a's dtype, masked-row count int64 [], per-row stats fp32 [3, B] =
+    """Returns (loss fp32, masked-row count int64 [], per-row stats fp32 [3, B] =
     (w, u, keep) saved for backward)."""
     loss, masked, stats = _gen_outputs(a, reduction)
     a_k, b_k, x_k = _kernel_inputs(a, b, x)
@@ -263,8 +263,7 @@ def _gen_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x: to
     """Gradients w.r.t. (a, b, x); an empty tensor for each one not needed."""
     views = _kernel_inputs(a, b, x)
     ga, gb, gx = _grad_buffers(views, (need_a, need_b, need_x))
-    grad = grad.to(a.dtype)
-    _launch_gen_backward(backend, grad, *views, stats, alpha, _scale(reduction, a.shape[0]),
+    _launch_gen_backward(backend, grad.to(torch.float32), *views, stats, alpha, _scale(reduction, a.shape[0]),
                          ga if need_a else None, gb if need_b else None, gx if need_x else None)
     return ga, gb, gx
 
@@ -392,8 +391,9 @@ def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive
             inputs' device (no host sync).
 
     Rows with a NaN or Inf anywhere in a, b or x are masked: they add 0 to the loss and
-    get zero gradient. Accumulation is fp32 (the loss is returned in the inputs' dtype);
-    results are bitwise reproducible run to run.
+    get zero gradient. Arithmetic and accumulation are fp32; the loss is float32 (float64
+    for float64 inputs), the gradients have the inputs' dtype; results are bitwise
+    reproducible run to run.
     """
     op = "ipfm_generator_loss"
     a, b = teacher_out, fake_out

@@ -8,7 +8,10 @@
 //   c_i = grad_i * scale * w_i   (scale = 1/B for reduction "mean", else 1)
 // A row with a NaN/Inf in a, b or x is masked: w = u = loss = 0, keep = 0, gradients 0.
 //
-// Fake (field-matching) loss, b = fake_out, x = target (loss and its gradient in fp32):
+// Both losses are returned in fp32 (and their incoming gradient is fp32) whatever the
+// input dtype; the input gradients are written in the input dtype.
+//
+// Fake (field-matching) loss, b = fake_out, x = target:
 //   loss_i = lambda_i * S_i,  S_i = sum_n (b - x)^2,
 //   lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2   (NaN for a bad sigma)
 //   dl/db = 2 c_i (b - x) = -dl/dx,  c_i = grad_i * scale * lambda_i
