@@ -363,6 +363,24 @@ _fake_loss_op.register_autograd(_fake_backward, setup_context=_setup_fake)
 # --------------------------------------------------------------------------------------
 
 
+def _check_sigma(sigma, rows, device, op, kernel_checks_values):
+    """_checks.check_sigma, except that the values of a tensor are left to the C++ CPU
+    kernel when it runs (it raises the same ValueError while it reads them, which saves a
+    pass and a host sync here)."""
+    if not (kernel_checks_values and isinstance(sigma, torch.Tensor)):
+        return check_sigma(sigma, rows, device, op)
+    if not sigma.dtype.is_floating_point:
+        raise TypeError(f"{op}: sigma must be a floating-point tensor, got {sigma.dtype}")
+    if sigma.device != torch.device(device):
+        raise ValueError(f"{op}: sigma is on {sigma.device} but the input is on {device}")
+    if sigma.dim() == 0:
+        return sigma.expand(rows), None
+    if sigma.shape[0] == rows and all(s == 1 for s in sigma.shape[1:]):
+        return sigma.reshape(rows), None
+    raise ValueError(f"{op}: sigma must be a float or a tensor of shape [{rows}] (one per row), "
+                     f"got shape {tuple(sigma.shape)}")
+
+
 def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive", reduction="mean",
                         backend="auto", return_masked=False):
     r"""IPFM / SiD generator loss, fused (forward and backward one pass each).
@@ -436,10 +454,10 @@ def ipfm_fake_loss(fake_out, x, sigma, *, sigma_data=0.5, reduction="mean", back
     rows = ref.check_loss_inputs(op, fake_out=fake_out, x=x)
     sigma_data_f = ref.check_real(sigma_data, "sigma_data", op, positive=True)
     ref.check_reduction(reduction, op)
-    sigma_t, sigma_f = check_sigma(sigma, rows, fake_out.device, op)
     name = backends.resolve(op, backend, fake_out.device, fake_out.dtype)
     if name == "reference" or fake_out.numel() == 0:
         return ref.ipfm_fake_loss(fake_out, x, sigma, sigma_data=sigma_data_f, reduction=reduction)
+    sigma_t, sigma_f = _check_sigma(sigma, rows, fake_out.device, op, kernel_checks_values=name == "cpu")
     if sigma_t is not None:
         sigma_t = sigma_t.to(torch.float32).contiguous()
     loss, _ = _fake_loss_op(fake_out, x, sigma_t, sigma_f or 0.0, sigma_data_f, reduction, name)

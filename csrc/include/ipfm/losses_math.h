@@ -31,7 +31,9 @@ namespace ipfm {
 enum class Reduction : int { kNone = 0, kMean = 1, kSum = 2 };
 
 constexpr float kAdaptiveWeightFloor = 1e-5f;
-constexpr int kGenPartials = 3;   // sum of d (e - alpha d), sum |x - a|, count of non-finite elements
+// sum of d (e - alpha d), sum |x - a|, and a non-finite marker: 0 for a finite row, else
+// non-zero (a count on the GPU, NaN on the CPU)
+constexpr int kGenPartials = 3;
 constexpr int kFakePartials = 1;  // sum (b - x)^2
 constexpr int kGenStats = 3;      // saved per row for backward: w, u, keep ([3, B], fp32)
 constexpr int kFakeStats = 2;     // lambda, S ([2, B], fp32)
@@ -48,7 +50,7 @@ struct GenRow {
   float w, u, keep, loss;
 };
 
-// One row of the generator loss from its summed partials. given_weight is ignored when
+// One row of the generator loss from its summed partials (bad: the non-finite marker). given_weight is ignored when
 // adaptive.
 IPFM_HD GenRow gen_finalize_row(float sum_u, float sum_abs, float bad, int64_t n, bool adaptive,
                                 float given_weight) {
