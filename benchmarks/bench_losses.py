@@ -6,6 +6,7 @@ bytes = inputs read + gradients written (the fused kernels' traffic):
     fake loss       forward 2BN, backward 2BN + BN  (x is detached)
 """
 
+import contextlib
 import functools
 import os
 
@@ -35,7 +36,8 @@ def _eager(op):
 
 
 @functools.cache
-def _compiled(op):
+def _compiled(op, retain_graph):
+    # a fresh function object per key: its own dynamo cache (and compile settings)
     return torch.compile(_eager(op))
 
 
@@ -53,11 +55,11 @@ def _providers():
     return out
 
 
-def _loss_fn(op, provider):
+def _loss_fn(op, provider, mode):
     if provider == "eager":
         return _eager(op)
     if provider == "compile":
-        return _compiled(op)
+        return _compiled(op, mode == "backward")
     return _fused(op, provider)
 
 
@@ -89,7 +91,15 @@ def test_losses(bench, benchmark, op, dtype, size, provider, mode):
     else:
         b.requires_grad_()
         wrt = [b]
-    loss_fn = _loss_fn(op, provider)
+    loss_fn = _loss_fn(op, provider, mode)
+    # "backward" replays one graph (retain_graph=True), which compiled graphs allow only
+    # without donated buffers
+    retain = provider == "compile" and mode == "backward"
+    with torch._functorch.config.patch(donated_buffer=False) if retain else contextlib.nullcontext():
+        _run(bench, loss_fn, op, dtype, size, provider, mode, a, b, x, sigma, wrt)
+
+
+def _run(bench, loss_fn, op, dtype, size, provider, mode, a, b, x, sigma, wrt):
     loss_fn(a, b, x, sigma)  # compile / first-call work outside the timing
 
     if mode == "forward":

@@ -39,6 +39,14 @@ IPFM_INLINE void store(bf16* p, float v) {
   p->bits = static_cast<uint16_t>(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
 }
 
+constexpr int64_t kMinElementsPerThread = 32768;  // ATen's grain size: below it a thread costs more than it saves
+
+// Threads worth waking for `elements` elements (each must get kMinElementsPerThread).
+int threads_for(int64_t elements, int requested) {
+  const int64_t useful = std::max<int64_t>(1, elements / kMinElementsPerThread);
+  return static_cast<int>(std::min<int64_t>(resolve_threads(requested), useful));
+}
+
 template <typename T>
 struct Rows {
   const T* p;
@@ -216,7 +224,7 @@ void gen_forward(Rows<T> a, Rows<T> b, Rows<T> x, int64_t rows, int64_t n, const
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t work = rows * chunks;
   std::vector<float> partials(static_cast<size_t>(work) * kGenPartials);
-#pragma omp parallel for schedule(static) num_threads(threads) if (work > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t item = 0; item < work; ++item) {
     const int64_t row = item / chunks, e0 = (item % chunks) * kChunk;
     Kernels<T>::gen_partial(a.row(row) + e0, b.row(row) + e0, x.row(row) + e0, std::min(kChunk, n - e0), alpha,
@@ -254,7 +262,7 @@ void gen_backward(const float* grad, int64_t grad_stride, Rows<T> a, Rows<T> b, 
   if (kernel == nullptr) return;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t work = rows * chunks;
-#pragma omp parallel for schedule(static) num_threads(threads) if (work > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t item = 0; item < work; ++item) {
     const int64_t row = item / chunks, e0 = (item % chunks) * kChunk;
     const int64_t len = std::min(kChunk, n - e0);
@@ -279,7 +287,7 @@ void fake_forward(Rows<T> b, Rows<T> x, int64_t rows, int64_t n, const float* si
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t work = rows * chunks;
   std::vector<float> partials(static_cast<size_t>(work));
-#pragma omp parallel for schedule(static) num_threads(threads) if (work > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t item = 0; item < work; ++item) {
     const int64_t row = item / chunks, e0 = (item % chunks) * kChunk;
     partials[item] = Kernels<T>::fake_partial(b.row(row) + e0, x.row(row) + e0, std::min(kChunk, n - e0));
@@ -311,7 +319,7 @@ void fake_backward(const float* grad, int64_t grad_stride, Rows<T> b, Rows<T> x,
   if (kernel == nullptr) return;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t work = rows * chunks;
-#pragma omp parallel for schedule(static) num_threads(threads) if (work > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t item = 0; item < work; ++item) {
     const int64_t row = item / chunks, e0 = (item % chunks) * kChunk;
     const int64_t off = row * g_stride + e0;
@@ -341,7 +349,7 @@ void gen_loss_forward(uintptr_t a, int64_t a_stride, uintptr_t b, int64_t b_stri
   dispatch_dtype(dtype, [&]<typename T>() {
     gen_forward<T>(rows_of<T>(a, a_stride), rows_of<T>(b, b_stride), rows_of<T>(x, x_stride), rows, n,
                    reinterpret_cast<const float*>(weight), alpha, reduction, reinterpret_cast<float*>(loss),
-                   reinterpret_cast<int64_t*>(masked), reinterpret_cast<float*>(stats), resolve_threads(threads));
+                   reinterpret_cast<int64_t*>(masked), reinterpret_cast<float*>(stats), threads_for(rows * n, threads));
   });
 }
 
@@ -354,7 +362,7 @@ void gen_loss_backward(uintptr_t grad, int64_t grad_stride, uintptr_t a, int64_t
     gen_backward<T>(reinterpret_cast<const float*>(grad), grad_stride, rows_of<T>(a, a_stride), rows_of<T>(b, b_stride),
                     rows_of<T>(x, x_stride), rows, n, reinterpret_cast<const float*>(stats), alpha, scale,
                     reinterpret_cast<T*>(ga), reinterpret_cast<T*>(gb), reinterpret_cast<T*>(gx), g_stride,
-                    resolve_threads(threads));
+                    threads_for(rows * n, threads));
   });
 }
 
@@ -365,7 +373,7 @@ void fake_loss_forward(uintptr_t b, int64_t b_stride, uintptr_t x, int64_t x_str
   dispatch_dtype(dtype, [&]<typename T>() {
     fake_forward<T>(rows_of<T>(b, b_stride), rows_of<T>(x, x_stride), rows, n, reinterpret_cast<const float*>(sigma),
                     sigma_scalar, sigma_data, reduction, reinterpret_cast<float*>(loss), reinterpret_cast<float*>(stats),
-                    resolve_threads(threads));
+                    threads_for(rows * n, threads));
   });
 }
 
@@ -376,7 +384,7 @@ void fake_loss_backward(uintptr_t grad, int64_t grad_stride, uintptr_t b, int64_
   dispatch_dtype(dtype, [&]<typename T>() {
     fake_backward<T>(reinterpret_cast<const float*>(grad), grad_stride, rows_of<T>(b, b_stride), rows_of<T>(x, x_stride),
                      rows, n, reinterpret_cast<const float*>(stats), scale, reinterpret_cast<T*>(gb),
-                     reinterpret_cast<T*>(gx), g_stride, resolve_threads(threads));
+                     reinterpret_cast<T*>(gx), g_stride, threads_for(rows * n, threads));
   });
 }
 

@@ -6,6 +6,8 @@ r"""IPFM distillation losses, fused: four layers in one file.
                 _launch_fake_backward: row layout, raw pointers, grid / stream
     torch op    ipfm_fast::ipfm_generator_loss (+ _backward), ipfm_fast::ipfm_fake_loss
                 (+ _backward): torch.library.custom_op, fake implementations, autograd
+                (under torch.compile); the same bodies through one autograd.Function
+                in eager mode
     public      ipfm_generator_loss(), ipfm_fake_loss()
 
 Generator loss (a = teacher_out, b = fake_out, x = generator output, d = a - b, e = a - x):
@@ -229,7 +231,17 @@ def _launch_fake_backward(backend, grad, b, x, stats, scale, gb, gx):
 
 # --------------------------------------------------------------------------------------
 # torch ops
+#
+# Each forward / backward body (_*_impl) is registered as a torch.library custom op with a
+# fake implementation, so torch.compile and AOTAutograd see one opaque op. Eager calls
+# take a lighter route to the same bodies: one autograd.Function, no dispatcher round
+# trip (the custom-op dispatch and its autograd wrapper cost about 100 us of host time
+# per forward + backward, more than the kernels themselves at training sizes on a CPU).
 # --------------------------------------------------------------------------------------
+
+
+def _eager():
+    return not torch.compiler.is_compiling()
 
 
 def _gen_outputs(a, reduction):
@@ -240,15 +252,19 @@ def _gen_outputs(a, reduction):
     return loss, masked, stats
 
 
+def _gen_forward_impl(a, b, x, weight, alpha, reduction, backend):
+    loss, masked, stats = _gen_outputs(a, reduction)
+    a_k, b_k, x_k = _kernel_inputs(a, b, x)
+    _launch_gen_forward(backend, a_k, b_k, x_k, weight, alpha, reduction, loss, masked, stats)
+    return loss, masked, stats
+
+
 @torch.library.custom_op("ipfm_fast::ipfm_generator_loss", mutates_args=())
 def _gen_loss_op(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, alpha: float,
                  reduction: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss fp32, masked-row count int64 [], per-row stats fp32 [3, B] =
     (w, u, keep) saved for backward)."""
-    loss, masked, stats = _gen_outputs(a, reduction)
-    a_k, b_k, x_k = _kernel_inputs(a, b, x)
-    _launch_gen_forward(backend, a_k, b_k, x_k, weight, alpha, reduction, loss, masked, stats)
-    return loss, masked, stats
+    return _gen_forward_impl(a, b, x, weight, alpha, reduction, backend)
 
 
 @_gen_loss_op.register_fake
@@ -256,16 +272,20 @@ def _(a, b, x, weight, alpha, reduction, backend):
     return _gen_outputs(a, reduction)
 
 
-@torch.library.custom_op("ipfm_fast::ipfm_generator_loss_backward", mutates_args=())
-def _gen_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
-                     alpha: float, reduction: str, need_a: bool, need_b: bool, need_x: bool,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. (a, b, x); an empty tensor for each one not needed."""
+def _gen_backward_impl(grad, a, b, x, stats, alpha, reduction, need_a, need_b, need_x, backend):
     views = _kernel_inputs(a, b, x)
     ga, gb, gx = _grad_buffers(views, (need_a, need_b, need_x))
     _launch_gen_backward(backend, grad.to(torch.float32), *views, stats, alpha, _scale(reduction, a.shape[0]),
                          ga if need_a else None, gb if need_b else None, gx if need_x else None)
     return ga, gb, gx
+
+
+@torch.library.custom_op("ipfm_fast::ipfm_generator_loss_backward", mutates_args=())
+def _gen_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
+                     alpha: float, reduction: str, need_a: bool, need_b: bool, need_x: bool,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. (a, b, x); an empty tensor for each one not needed."""
+    return _gen_backward_impl(grad, a, b, x, stats, alpha, reduction, need_a, need_b, need_x, backend)
 
 
 @_gen_backward_op.register_fake
@@ -286,8 +306,9 @@ def _gen_backward(ctx, grad_loss, grad_masked, grad_stats):
     a, b, x, stats = ctx.saved_tensors
     ga = gb = gx = gw = None
     if need_a or need_b or need_x:
-        ga, gb, gx = _gen_backward_op(grad_loss, a, b, x, stats, ctx.alpha, ctx.reduction, need_a, need_b, need_x,
-                                      ctx.backend)
+        backward = _gen_backward_impl if getattr(ctx, "eager", False) and _eager() else _gen_backward_op
+        ga, gb, gx = backward(grad_loss, a, b, x, stats, ctx.alpha, ctx.reduction, need_a, need_b, need_x,
+                              ctx.backend)
         ga, gb, gx = (g if need else None for g, need in zip((ga, gb, gx), (need_a, need_b, need_x)))
     if need_w:  # d loss_i / d w_i = u_i (0 on masked rows)
         gw = grad_loss.float() * _scale(ctx.reduction, a.shape[0]) * stats[1]
@@ -298,20 +319,37 @@ def _gen_backward(ctx, grad_loss, grad_masked, grad_stats):
 _gen_loss_op.register_autograd(_gen_backward, setup_context=_setup_gen)
 
 
+class _GenLoss(torch.autograd.Function):
+    """Eager route to the same forward/backward bodies as ipfm_fast::ipfm_generator_loss
+    (the backward runs the custom op when traced, e.g. by compiled autograd)."""
+
+    forward = staticmethod(_gen_forward_impl)
+    backward = staticmethod(_gen_backward)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_gen(ctx, inputs, output)
+        ctx.eager = True
+
+
 def _fake_outputs(b, reduction):
     rows = b.shape[0]
     loss = torch.empty((rows,) if reduction == "none" else (), dtype=torch.float32, device=b.device)
     return loss, torch.empty((2, rows), dtype=torch.float32, device=b.device)
 
 
-@torch.library.custom_op("ipfm_fast::ipfm_fake_loss", mutates_args=())
-def _fake_loss_op(b: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | None, sigma_scalar: float,
-                  sigma_data: float, reduction: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss fp32, per-row stats fp32 [2, B] = (lambda, sum (b - x)^2))."""
+def _fake_forward_impl(b, x, sigma, sigma_scalar, sigma_data, reduction, backend):
     loss, stats = _fake_outputs(b, reduction)
     b_k, x_k = _kernel_inputs(b, x)
     _launch_fake_forward(backend, b_k, x_k, sigma, sigma_scalar, sigma_data, reduction, loss, stats)
     return loss, stats
+
+
+@torch.library.custom_op("ipfm_fast::ipfm_fake_loss", mutates_args=())
+def _fake_loss_op(b: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | None, sigma_scalar: float,
+                  sigma_data: float, reduction: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss fp32, per-row stats fp32 [2, B] = (lambda, sum (b - x)^2))."""
+    return _fake_forward_impl(b, x, sigma, sigma_scalar, sigma_data, reduction, backend)
 
 
 @_fake_loss_op.register_fake
@@ -319,15 +357,19 @@ def _(b, x, sigma, sigma_scalar, sigma_data, reduction, backend):
     return _fake_outputs(b, reduction)
 
 
-@torch.library.custom_op("ipfm_fast::ipfm_fake_loss_backward", mutates_args=())
-def _fake_backward_op(grad: torch.Tensor, b: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, reduction: str,
-                      need_b: bool, need_x: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. (b, x); an empty tensor for each one not needed."""
+def _fake_backward_impl(grad, b, x, stats, reduction, need_b, need_x, backend):
     views = _kernel_inputs(b, x)
     gb, gx = _grad_buffers(views, (need_b, need_x))
     _launch_fake_backward(backend, grad.to(torch.float32), *views, stats, _scale(reduction, b.shape[0]),
                           gb if need_b else None, gx if need_x else None)
     return gb, gx
+
+
+@torch.library.custom_op("ipfm_fast::ipfm_fake_loss_backward", mutates_args=())
+def _fake_backward_op(grad: torch.Tensor, b: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, reduction: str,
+                      need_b: bool, need_x: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. (b, x); an empty tensor for each one not needed."""
+    return _fake_backward_impl(grad, b, x, stats, reduction, need_b, need_x, backend)
 
 
 @_fake_backward_op.register_fake
@@ -348,7 +390,8 @@ def _fake_backward(ctx, grad_loss, grad_stats):
     b, x, sigma, stats = ctx.saved_tensors
     gb = gx = gsigma = None
     if need_b or need_x:
-        gb, gx = _fake_backward_op(grad_loss, b, x, stats, ctx.reduction, need_b, need_x, ctx.backend)
+        backward = _fake_backward_impl if getattr(ctx, "eager", False) and _eager() else _fake_backward_op
+        gb, gx = backward(grad_loss, b, x, stats, ctx.reduction, need_b, need_x, ctx.backend)
         gb, gx = (gb if need_b else None), (gx if need_x else None)
     if need_sigma:  # d lambda / d sigma = -2 / sigma^3
         gsigma = grad_loss.float() * _scale(ctx.reduction, b.shape[0]) * stats[1] * (-2.0 / sigma**3)
@@ -356,6 +399,34 @@ def _fake_backward(ctx, grad_loss, grad_stats):
 
 
 _fake_loss_op.register_autograd(_fake_backward, setup_context=_setup_fake)
+
+
+class _FakeLoss(torch.autograd.Function):
+    """Eager route to the same forward/backward bodies as ipfm_fast::ipfm_fake_loss."""
+
+    forward = staticmethod(_fake_forward_impl)
+    backward = staticmethod(_fake_backward)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_fake(ctx, inputs, output)
+        ctx.eager = True
+
+
+def _run_gen(*args):
+    if not _eager():
+        return _gen_loss_op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4]):
+        return _GenLoss.apply(*args)
+    return _gen_forward_impl(*args)
+
+
+def _run_fake(*args):
+    if not _eager():
+        return _fake_loss_op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3]):
+        return _FakeLoss.apply(*args)
+    return _fake_forward_impl(*args)
 
 
 # --------------------------------------------------------------------------------------
@@ -425,7 +496,7 @@ def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive
                                        return_masked=return_masked)
     if weight_t is not None:
         weight_t = weight_t.to(torch.float32).contiguous()
-    loss, masked, _ = _gen_loss_op(a, b, x, weight_t, alpha_f, reduction, name)
+    loss, masked, _ = _run_gen(a, b, x, weight_t, alpha_f, reduction, name)
     return (loss, masked) if return_masked else loss
 
 
@@ -460,5 +531,5 @@ def ipfm_fake_loss(fake_out, x, sigma, *, sigma_data=0.5, reduction="mean", back
     sigma_t, sigma_f = _check_sigma(sigma, rows, fake_out.device, op, kernel_checks_values=name == "cpu")
     if sigma_t is not None:
         sigma_t = sigma_t.to(torch.float32).contiguous()
-    loss, _ = _fake_loss_op(fake_out, x, sigma_t, sigma_f or 0.0, sigma_data_f, reduction, name)
+    loss, _ = _run_fake(fake_out, x, sigma_t, sigma_f or 0.0, sigma_data_f, reduction, name)
     return loss
