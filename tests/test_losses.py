@@ -423,6 +423,10 @@ def test_opcheck(device_backend):
     torch.library.opcheck(losses_op._gen_backward_op,
                           (torch.tensor(1.0, device=device), a.detach(), b.detach(), x.detach(), stats, 1.0, "mean",
                            True, False, True, backend))
+    fake_stats = losses_op._fake_loss_op(b, x, sigma, 0.0, 0.5, "none", backend)[1].detach()
+    torch.library.opcheck(losses_op._fake_backward_op,
+                          (torch.rand(3, device=device), b.detach(), x.detach(), fake_stats, "none", True, True,
+                           backend))
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
