@@ -24,10 +24,11 @@ Rows with a NaN/Inf in a, b or x are masked (generator loss): zero loss, zero gr
 import triton
 import triton.language as tl
 
-GEN_PARTIALS = 3  # sum d (e - alpha d), sum |x - a|, count of non-finite elements
-GEN_STATS = 3  # saved per row, [3, B]: w, u, keep
-FAKE_STATS = 2  # [2, B]: lambda, sum (b - x)^2
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+# Layouts shared with the launchers in ipfm_fast/ops/losses.py:
+#   generator partials [B * chunks, 3]: sum d (e - alpha d), sum |x - a|, non-finite count
+#   generator stats    [3, B]: w, u (= loss / w), keep (1.0 or 0.0), saved for backward
+#   fake partials      [B * chunks]: sum (b - x)^2;   fake stats [2, B]: lambda, sum
+#   REDUCTION          0 = "none", 1 = "mean", 2 = "sum"
 
 
 @triton.jit
