@@ -64,6 +64,15 @@ inline int resolve_threads(int requested) {
 #endif
 }
 
+// Threads worth waking for `elements` elements: a second thread costs a wake-up and a
+// barrier (milliseconds when the machine is busy), so each gets at least 32k elements
+// (ATen's grain size).
+inline int threads_for(int64_t elements, int requested) {
+  const int64_t useful = elements / 32768 > 1 ? elements / 32768 : 1;
+  const int limit = resolve_threads(requested);
+  return static_cast<int>(useful < limit ? useful : limit);
+}
+
 inline float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);

@@ -39,14 +39,6 @@ IPFM_INLINE void store(bf16* p, float v) {
   p->bits = static_cast<uint16_t>(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
 }
 
-constexpr int64_t kMinElementsPerThread = 32768;  // ATen's grain size: below it a thread costs more than it saves
-
-// Threads worth waking for `elements` elements (each must get kMinElementsPerThread).
-int threads_for(int64_t elements, int requested) {
-  const int64_t useful = std::max<int64_t>(1, elements / kMinElementsPerThread);
-  return static_cast<int>(std::min<int64_t>(resolve_threads(requested), useful));
-}
-
 template <typename T>
 struct Rows {
   const T* p;

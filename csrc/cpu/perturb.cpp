@@ -88,7 +88,7 @@ void perturb(uintptr_t x, int64_t x_row_stride, uintptr_t y, int64_t y_row_strid
     perturb_rows<T>(reinterpret_cast<const T*>(x), x_row_stride, reinterpret_cast<T*>(y), y_row_stride,
                     reinterpret_cast<T*>(noise), noise_row_stride, rows, n,
                     reinterpret_cast<const float*>(sigma), sigma_scalar, alpha, seed,
-                    resolve_threads(threads));
+                    threads_for(rows * n, threads));
   });
 }
 
