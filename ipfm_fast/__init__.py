@@ -12,12 +12,14 @@ __version__ = "0.1.0"
 
 from ipfm_fast import reference  # noqa: E402
 from ipfm_fast.backends import BACKENDS, BackendUnavailable  # noqa: E402
+from ipfm_fast.ops.field_target import field_target  # noqa: E402
 from ipfm_fast.ops.perturb import perturb, sample_prior  # noqa: E402
 from ipfm_fast.reference import r_to_sigma, sigma_to_r  # noqa: E402
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "field_target",
     "perturb",
     "r_to_sigma",
     "reference",
