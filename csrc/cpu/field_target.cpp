@@ -185,7 +185,7 @@ double finalize_row(const float* yi, double ny, const float* x, int64_t xs, cons
   double z = 0.0;
   for (int64_t j = 0; j < m; ++j) {
     if (rs.q[j] == std::numeric_limits<double>::infinity()) continue;
-    const double e = std::exp(rel_logit(p, rs.q[j], q_ref));
+    const double e = std::exp(rel_logit(p, rs.q[j] - q_ref, q_ref));
     rs.q[j] = e;
     z += e;
   }

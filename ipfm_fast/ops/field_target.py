@@ -72,9 +72,10 @@ def _launch_field(backend, y, x, out, logz, w, sigma, sigma_scalar, D, refine_to
             logz.data_ptr(), w.data_ptr(), rows, m, n, sigma.data_ptr() if sigma is not None else 0,
             sigma_scalar, D, refine_tol, _launch.num_threads())
     elif backend == "cuda":
+        norms = torch.empty(rows + m, dtype=torch.float64, device=y.device)  # O(B + M) scratch
         _launch.ext().field_target_cuda(
             y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0),
-            logz.data_ptr(), w.data_ptr(), rows, m, n, sigma.data_ptr() if sigma is not None else 0,
+            logz.data_ptr(), w.data_ptr(), norms.data_ptr(), rows, m, n, sigma.data_ptr() if sigma is not None else 0,
             sigma_scalar, D, refine_tol, y.device.index, _launch.cuda_stream(y.device))
     elif backend == "triton":
         from ipfm_fast.kernels.field_target import field_target_triton
@@ -236,15 +237,18 @@ def field_target(y, sigma, x_ref, D, *, return_logz=False, backend="auto"):
     D, sigma_t, sigma_f = check_inputs(y, sigma, x_ref, D, op)
     rows, m = y.shape[0], x_ref.shape[0]
     name = backends.resolve(op, backend, y.device, y.dtype)
+    if name != "cpu":  # the CPU kernel checks finiteness itself, for free, on its row norms
+        check_finite(y, "y", op)
+        check_finite(x_ref, "x_ref", op)
     if name == "reference":
-        return ref.field_target(y, sigma, x_ref, D, return_logz=return_logz)
+        if not return_logz:
+            return ref.field_target(y, sigma, x_ref, D)
+        target, logz = ref.field_target(y, sigma, x_ref, D, return_logz=True)
+        return target, logz.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
     if rows == 0:
         target = torch.empty_like(y)
         logz = y.new_empty(0, dtype=torch.float32)
         return (target, logz) if return_logz else target
-    if name != "cpu":  # the CPU kernel checks finiteness itself, for free, on its row norms
-        check_finite(y, "y", op)
-        check_finite(x_ref, "x_ref", op)
     n = math.prod(y.shape[1:])
     y2 = _rows2d(y, rows, n)
     x2 = _rows2d(x_ref, m, n)

@@ -56,9 +56,9 @@ IPFM_HD double logit_err(const RowParams& p, double q_lo, double err) {
   return p.finite ? p.k * err / q_lo : err * p.inv_2s2;
 }
 
-// Logit of q relative to the row's reference q_ref (<= 0 when q >= q_ref).
-IPFM_HD double rel_logit(const RowParams& p, double q, double q_ref) {
-  return p.finite ? -p.k * log1p((q - q_ref) / q_ref) : -(q - q_ref) * p.inv_2s2;
+// Logit of q = q_ref + diff relative to the row's reference q_ref (<= 0 when diff >= 0).
+IPFM_HD double rel_logit(const RowParams& p, double diff, double q_ref) {
+  return p.finite ? -p.k * log1p(diff / q_ref) : -diff * p.inv_2s2;
 }
 
 // Absolute logit of the reference: s_ref = -k log(q_ref) or -q_ref / (2 sigma^2).
