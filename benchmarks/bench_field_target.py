@@ -92,7 +92,7 @@ def scratch_mb(provider, rows, m, n):
 @pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_field_target(bench, provider, size, regime):
+def test_field_target(bench, benchmark, provider, size, regime):  # benchmark: keeps --benchmark-only from skipping
     if provider in ("cpu", "cuda", "triton"):
         reason = backends.why_not(provider, DEVICE, torch.float32)
         if reason:

@@ -74,7 +74,7 @@ def _log1p64(v):
 
 @triton.jit
 def _finalize_kernel(y_ptr, y_stride, x_ptr, x_stride, s_ptr, logz_ptr, ny_ptr, nx_ptr, sigma_ptr,
-                     m, n, D, coef_l, refine_tol, CUT: tl.constexpr,
+                     m, n, D, coef_l, coef_stat_l, refine_tol, CUT: tl.constexpr,
                      FINITE_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_LOOP: tl.constexpr, N_LOOP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -88,6 +88,7 @@ def _finalize_kernel(y_ptr, y_stride, x_ptr, x_stride, s_ptr, logz_ptr, ny_ptr, 
     c = D * sigma * sigma
     inv2 = 0.5 / (sigma * sigma)
     coef = 2.0 * coef_l * tl.sqrt(ny)
+    coef_stat = coef_stat_l * tl.sqrt(ny)
     offs = tl.arange(0, BLOCK_M)
     srow = s_ptr + row * m
     inf = float("inf")
@@ -121,11 +122,12 @@ def _finalize_kernel(y_ptr, y_stride, x_ptr, x_stride, s_ptr, logz_ptr, ny_ptr, 
         d = ny + nxj - 2.0 * dot
         err = coef * tl.sqrt(nxj)
         qlo = tl.maximum(d - err, 0.0)
+        err_stat = tl.minimum(err, coef_stat * tl.sqrt(nxj))
         if FINITE_D:
             qlo += c
-            lerr = k * err / qlo
+            lerr = k * err_stat / qlo
         else:
-            lerr = err * inv2
+            lerr = err_stat * inv2
         cand = jm & (qlo <= cut)
         refine = cand & (lerr > refine_tol)
         dd = tl.maximum(d, 0.0)
@@ -219,6 +221,12 @@ def chain_length(n):
     return float(n + 32)
 
 
+def stat_coef(n):
+    """Statistical screening-error coefficient (csrc/include/ipfm/field_math.h stat_coef) for
+    one fp32 accumulation chain over all of K."""
+    return 2.0 * UNIT * n / math.sqrt(n)
+
+
 def field_target_triton(y, x, out, logz, w, sigma, sigma_scalar, D, refine_tol):
     """y [B, N], x [M, N], out [B, N] fp32 with unit last stride; logz [B]; w [B, M] scratch."""
     import torch
@@ -242,7 +250,7 @@ def field_target_triton(y, x, out, logz, w, sigma, sigma_scalar, D, refine_tol):
     finite = not math.isinf(D)
     _finalize_kernel[(rows,)](
         y, y.stride(0), x, x.stride(0), w, logz, ny, nx, sigma,
-        m, n, float(D) if finite else 0.0, chain_length(n) * UNIT, float(refine_tol), CUT=CUTOFF,
+        m, n, float(D) if finite else 0.0, chain_length(n) * UNIT, stat_coef(n), float(refine_tol), CUT=CUTOFF,
         FINITE_D=finite, BLOCK_M=32, BLOCK_N=128, M_LOOP=m_loop, N_LOOP=n_loop, num_warps=4)
     cbm, cbn, cbk = 32, 128, 32
     _combine_kernel[(triton.cdiv(rows, cbm), triton.cdiv(n, cbn))](

@@ -330,7 +330,7 @@ kernels = {
                        {"BM": 64, "BN": 64, "BK": 32, "PREC": "tf32x3", "N_LOOP": 3072}),
     "_finalize_kernel": ({"y_ptr": P32, "y_stride": "i64", "x_ptr": P32, "x_stride": "i64", "s_ptr": P32,
                           "logz_ptr": P32, "ny_ptr": P64, "nx_ptr": P64, "sigma_ptr": P32, "m": "i32", "n": "i32",
-                          "D": "fp32", "coef_l": "fp32", "refine_tol": "fp32", "CUT": "constexpr",
+                          "D": "fp32", "coef_l": "fp32", "coef_stat_l": "fp32", "refine_tol": "fp32", "CUT": "constexpr",
                           "FINITE_D": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                           "M_LOOP": "constexpr", "N_LOOP": "constexpr"},
                          {"CUT": 40.0, "FINITE_D": "FINITE", "BLOCK_M": 32, "BLOCK_N": 128, "M_LOOP": 1024,

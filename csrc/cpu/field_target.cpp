@@ -32,7 +32,7 @@ typedef double v4d __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
 constexpr int64_t kChunk = 512;    // K chunk of the screening dot products (elements)
-constexpr int64_t kRowBlock = 8;   // rows of y per task (small: dynamic balance on busy cores)
+constexpr int64_t kRowBlock = 32;  // rows of y per task
 constexpr int64_t kPanel = 16;     // output columns per combine micro-tile
 
 #define IPFM_INLINE inline __attribute__((always_inline))
@@ -152,7 +152,12 @@ double finalize_row(const float* yi, double ny, const float* x, int64_t xs, cons
   }
   rs.q.resize(m);
   rs.err.resize(m);
-  const double coef = 2.0 * chain_length(n, kChunk, 8) * kUnit * std::sqrt(ny);
+  const double nyr = std::sqrt(ny);
+  const double coef = 2.0 * chain_length(n, kChunk, 8) * kUnit * nyr;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const double lane_chain = static_cast<double>((std::min(n, kChunk) + 7) / 8 + 3 + 7);
+  const double coef_stat = stat_coef(n, lane_chain) * nyr;
+  const double coef_store = 12.0 * kUnit * std::sqrt(static_cast<double>(chunks));  // fp32 sums of chunk results
   double best_hi = std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < m; ++j) {
     const double d = ny + nx[j] - 2.0 * static_cast<double>(s[j]);
@@ -172,7 +177,8 @@ double finalize_row(const float* yi, double ny, const float* x, int64_t xs, cons
       continue;
     }
     double q;
-    if (logit_err(p, q_lo, err * kTypicalFraction) > refine_tol) {
+    const double err_stat = std::min(err, coef_stat * std::sqrt(nx[j]) + coef_store * std::fabs(s[j]));
+    if (logit_err(p, q_lo, err_stat) > refine_tol) {
       q = q_of(p, exact_d2(yi, x + j * xs, n));
       ++count;
     } else {
@@ -197,49 +203,62 @@ double finalize_row(const float* yi, double ny, const float* x, int64_t xs, cons
   return ref_logit(p, q_ref) + std::log(z);
 }
 
-// out_i = sum_j w_ij x_j for `rows` rows; j where a 4-row tile's weights are all zero is skipped.
+// out_i = sum_j w_ij x_j for `rows` (<= kRowBlock) rows. Each 4-row tile packs the j whose
+// four weights are not all zero (with the weights interleaved), then the output is swept
+// in panels of kPanel columns, all tiles per panel, so the x_ref panel (nnz x kPanel
+// floats) is reused from L1/L2 by every tile of the block.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 void combine_block(const float* w, int64_t rows, const float* x, int64_t xs, int64_t m, int64_t n, float* out,
                    int64_t os, std::vector<int32_t>& js, std::vector<float>& wt) {
-  for (int64_t i = 0; i < rows; i += 4) {
-    const int64_t ra = std::min<int64_t>(4, rows - i);
-    js.clear();
-    wt.clear();
+  constexpr int64_t kTiles = kRowBlock / 4;
+  int64_t start[kTiles + 1];
+  const int64_t tiles = (rows + 3) / 4;
+  js.clear();
+  wt.clear();
+  for (int64_t t = 0; t < tiles; ++t) {
+    start[t] = static_cast<int64_t>(js.size());
+    const int64_t i = 4 * t, ra = std::min<int64_t>(4, rows - i);
     for (int64_t j = 0; j < m; ++j) {
       float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       bool any = false;
       for (int64_t a = 0; a < ra; ++a) {
         v[a] = w[(i + a) * m + j];
-        any |= v[a] != 0.0f;
+        any |= v[a] != 0.0f;  // NaN too: NaN rows propagate
       }
       if (!any) continue;
       js.push_back(static_cast<int32_t>(j));
       wt.insert(wt.end(), v, v + 4);
     }
-    const int64_t nnz = static_cast<int64_t>(js.size());
-    int64_t n0 = 0;
-    for (; n0 + kPanel <= n; n0 += kPanel) {
+  }
+  start[tiles] = static_cast<int64_t>(js.size());
+  int64_t n0 = 0;
+  for (; n0 + kPanel <= n; n0 += kPanel) {
+    for (int64_t t = 0; t < tiles; ++t) {
       v8f acc[4][2];
       for (int a = 0; a < 4; ++a) acc[a][0] = acc[a][1] = v8f{};
-      for (int64_t t = 0; t < nnz; ++t) {
-        const float* xr = x + js[t] * xs + n0;
+      for (int64_t e = start[t]; e < start[t + 1]; ++e) {
+        const float* xr = x + js[e] * xs + n0;
         const v8f x0 = ld8(xr), x1 = ld8(xr + 8);
-        const float* wv = wt.data() + 4 * t;
+        const float* wv = wt.data() + 4 * e;
         for (int a = 0; a < 4; ++a) {
           const v8f b = v8f{} + wv[a];
           acc[a][0] += b * x0;
           acc[a][1] += b * x1;
         }
       }
+      const int64_t i = 4 * t, ra = std::min<int64_t>(4, rows - i);
       for (int64_t a = 0; a < ra; ++a) {
         st8(out + (i + a) * os + n0, acc[a][0]);
         st8(out + (i + a) * os + n0 + 8, acc[a][1]);
       }
     }
+  }
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t i = 4 * t, ra = std::min<int64_t>(4, rows - i);
     for (int64_t a = 0; a < ra; ++a)
       for (int64_t c = n0; c < n; ++c) {
         float acc = 0.0f;
-        for (int64_t t = 0; t < nnz; ++t) acc += wt[4 * t + a] * x[js[t] * xs + c];
+        for (int64_t e = start[t]; e < start[t + 1]; ++e) acc += wt[4 * e + a] * x[js[e] * xs + c];
         out[(i + a) * os + c] = acc;
       }
   }

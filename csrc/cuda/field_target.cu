@@ -121,6 +121,7 @@ finalize_kernel(const float* __restrict__ y, int64_t ys, const float* __restrict
   const RowParams p = row_params(static_cast<double>(n), D, sigma ? static_cast<double>(sigma[row]) : sigma_scalar);
   const double ny = ny_all[row];
   const double coef = 2.0 * coef_l * sqrt(ny);
+  const double coef_stat = field::stat_coef(n, static_cast<double>(n)) * sqrt(ny);  // one FFMA chain over K
   float* srow = s + row * m;
   const float* yrow = y + row * ys;
 
@@ -146,7 +147,7 @@ finalize_kernel(const float* __restrict__ y, int64_t ys, const float* __restrict
     float delta = static_cast<float>(kInf);
     if (q_lo <= cut) {
       double dd = fmax(d, 0.0);
-      if (logit_err(p, q_lo, err) > refine_tol) {
+      if (logit_err(p, q_lo, fmin(err, coef_stat * sqrt(nx[j]))) > refine_tol) {
         const float* xrow = x + j * xs;
         double acc = 0.0;
         for (int64_t k = lane; k < n; k += 32) {

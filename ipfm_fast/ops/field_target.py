@@ -57,7 +57,7 @@ from ipfm_fast.ops import _launch
 
 # Logit error bound above which a candidate's distance is recomputed exactly (tests set
 # 0 to refine every candidate, inf to refine none).
-REFINE_TOL = 2.0e-6
+REFINE_TOL = 2.0e-5
 
 
 def _launch_field(backend, y, x, out, logz, w, sigma, sigma_scalar, D, refine_tol):

@@ -9,8 +9,12 @@
 // accumulation chain, u = 2^-24). An entry is a *candidate* when, with every error
 // against it, it could still be within kCutoff of the row's best logit; the others get
 // weight exactly 0 (they weigh less than e^-40 of the best). A candidate whose logit
-// error bound k E / q exceeds kRefineTol is *refined*: its d2 is recomputed from exact
-// pairwise differences. Logits are taken relative to the row's best q in fp64
+// error estimate k E' / q exceeds refine_tol is *refined*: its d2 is recomputed from exact
+// pairwise differences. E' (stat_coef) is a statistical estimate, not the worst case: the
+// roundings of an fp32 accumulation chain of length L are independent; when all products
+// have one sign (partial sums grow linearly, the worst case for the statistics) the dot's
+// error has a standard deviation of about 0.17 u |y| |x| L / sqrt(n); E' is 6 of those
+// (times 2 for the -2 y.x), about 70x below the worst-case bound E for N = 3072. Logits are taken relative to the row's best q in fp64
 // (log1p of a small ratio), so no large logit is ever rounded to fp32.
 #pragma once
 
@@ -23,7 +27,7 @@ namespace ipfm::field {
 
 constexpr double kUnit = 5.9604644775390625e-08;  // 2^-24, fp32 unit roundoff
 constexpr double kCutoff = 40.0;                   // logit gap below which weights are dropped
-constexpr double kTypicalFraction = 1.0;           // refinement test: error estimate / bound
+constexpr double kStatCoef = 2.0;                  // 2 * 6 standard deviations * 0.17
 
 struct RowParams {
   bool finite;     // D finite
@@ -64,6 +68,12 @@ IPFM_HD double rel_logit(const RowParams& p, double diff, double q_ref) {
 // Absolute logit of the reference: s_ref = -k log(q_ref) or -q_ref / (2 sigma^2).
 IPFM_HD double ref_logit(const RowParams& p, double q_ref) {
   return p.finite ? -p.k * log(q_ref) : -q_ref * p.inv_2s2;
+}
+
+// Coefficient c of the statistical screening-error estimate E' = c |y| |x| for dots of n
+// terms accumulated in fp32 chains of length lane_chain (see the header comment).
+IPFM_HD double stat_coef(int64_t n, double lane_chain) {
+  return kStatCoef * kUnit * lane_chain / sqrt(static_cast<double>(n));
 }
 
 // Accumulation-chain length of a dot product of n terms computed as 8-lane fp32 partial
