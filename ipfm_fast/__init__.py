@@ -3,6 +3,7 @@
     import ipfm_fast as ipf
     y = ipf.perturb(x, sigma, D)                 # PFGM++ perturbation kernel
     z = ipf.sample_prior((B, C, H, W), 80.0, D)  # prior at sigma_max
+    t = ipf.field_target(y, sigma, x_ref, D)     # reference-batch posterior mean (PFGM++ / STF target)
 
 Every op takes ``backend=`` "auto" | "triton" | "cuda" | "cpu" | "reference";
 ``ipfm-fast info`` (or ``python -m ipfm_fast info``) says which are available and why not.
