@@ -33,7 +33,7 @@ typedef float v4f __attribute__((vector_size(16)));
 
 constexpr int64_t kChunk = 512;    // K chunk of the screening dot products (elements)
 constexpr int64_t kRowBlock = 32;  // rows of y per task
-constexpr int64_t kPanel = 16;     // output columns per combine micro-tile
+constexpr int64_t kPanel = 24;     // output columns per combine micro-tile (4 x 3 vectors)
 
 #define IPFM_INLINE inline __attribute__((always_inline))
 
@@ -234,22 +234,25 @@ void combine_block(const float* w, int64_t rows, const float* x, int64_t xs, int
   int64_t n0 = 0;
   for (; n0 + kPanel <= n; n0 += kPanel) {
     for (int64_t t = 0; t < tiles; ++t) {
-      v8f acc[4][2];
-      for (int a = 0; a < 4; ++a) acc[a][0] = acc[a][1] = v8f{};
+      v8f acc[4][3];
+      for (int a = 0; a < 4; ++a) acc[a][0] = acc[a][1] = acc[a][2] = v8f{};
       for (int64_t e = start[t]; e < start[t + 1]; ++e) {
         const float* xr = x + js[e] * xs + n0;
-        const v8f x0 = ld8(xr), x1 = ld8(xr + 8);
+        const v8f x0 = ld8(xr), x1 = ld8(xr + 8), x2 = ld8(xr + 16);
         const float* wv = wt.data() + 4 * e;
         for (int a = 0; a < 4; ++a) {
-          const v8f b = v8f{} + wv[a];
+          const float wa = wv[a];
+          const v8f b = {wa, wa, wa, wa, wa, wa, wa, wa};
           acc[a][0] += b * x0;
           acc[a][1] += b * x1;
+          acc[a][2] += b * x2;
         }
       }
       const int64_t i = 4 * t, ra = std::min<int64_t>(4, rows - i);
       for (int64_t a = 0; a < ra; ++a) {
         st8(out + (i + a) * os + n0, acc[a][0]);
         st8(out + (i + a) * os + n0 + 8, acc[a][1]);
+        st8(out + (i + a) * os + n0 + 16, acc[a][2]);
       }
     }
   }
