@@ -21,15 +21,23 @@ D = 128) multiplies the log of a squared distance, so a relative error of 1e-7 i
    3xTF32 tensor-core dots). Its error is bounded by ``E = 2 L u |y| |x|`` (``L`` the
    accumulation-chain length, ``u = 2^-24``), which covers the ``|y|^2 - 2y.x + |x|^2``
    cancellation when y is near x.
-2. *Select*: an entry is a candidate if, with every error against it, it could be within
-   40 of the row's best logit; the rest get weight exactly 0 (they weigh < e^-40 of the
-   best entry). A candidate whose logit error bound ``k E / q`` exceeds 2e-6 is *refined*:
-   its distance is recomputed from exact pairwise differences in fp64. With tiny sigma
-   that is the source row and its near neighbours; with large sigma the bound is small
-   and nothing is refined.
-3. *Normalize* relative to the row's best ``q_ref`` in fp64:
-   ``s_ij - s_ref = -k log1p((q_ij - q_ref) / q_ref)``; ``log Z = s_ref + log sum exp``. No
-   large logit is ever rounded to fp32.
+2. *Select*: an entry is a candidate if, with every error against it (the worst-case bound
+   E), it could be within 40 of the row's best logit; the rest get weight exactly 0 (they
+   weigh < e^-40 of the best entry). A candidate whose logit error *estimate*
+   ``k E' / q`` exceeds ``REFINE_TOL`` = 2e-5 is *refined*: its distance is recomputed from
+   exact pairwise differences in fp64. ``E'`` is a 6-standard-deviation estimate of the
+   fp32 rounding (``csrc/include/ipfm/field_math.h``), ~70x below the worst case at
+   N = 3072, so realistic logit errors of unrefined entries stay ~1e-6. With small sigma
+   the refined entries are the source row and its near neighbours; with large sigma
+   (dense posteriors) the estimate is small and nothing is refined.
+3. *Normalize* relative to the row's best ``q_ref``: the ratio ``(q_ij - q_ref) / q_ref`` in
+   fp64, then ``s_ij - s_ref = -k log1p(ratio)`` (fp32 log1p/exp on the CPU, fp64 on the
+   GPUs: the gaps are in [-40, 0], so a few ulp of them is <= 1e-5 and only for negligible
+   weights); ``log Z = s_ref + log sum exp`` in fp64. No large logit is ever rounded to fp32.
+
+Measured (benchmarks/field_target_accuracy.py, B = 8, M = 256, N = 3072, D in {1, 128,
+2048, inf}, sigma in [0.002, 80], mixing posteriors): fused <= 4.3e-7 relative error,
+plain fp32 eager (cdist + logsumexp + matmul) up to 2.1e-3.
 4. *Combine*: ``target = W x_ref`` in fp32 (the weights are in [0, 1], no amplification);
    the CPU kernel skips reference rows whose weights are all zero for a 4-row tile.
 
