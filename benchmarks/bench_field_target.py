@@ -17,7 +17,6 @@ and output (a model, not a measurement; the CPU allocator keeps no peak statisti
 """
 
 import functools
-import math
 import os
 
 import pytest

@@ -254,4 +254,5 @@ def field_target_triton(y, x, out, logz, w, sigma, sigma_scalar, D, refine_tol):
         FINITE_D=finite, BLOCK_M=32, BLOCK_N=128, M_LOOP=m_loop, N_LOOP=n_loop, num_warps=4)
     cbm, cbn, cbk = 32, 128, 32
     _combine_kernel[(triton.cdiv(rows, cbm), triton.cdiv(n, cbn))](
-        w, x, x.stride(0), out, out.stride(0), rows, m, n, BM=cbm, BN=cbn, BK=cbk, PREC=prec, M_LOOP=m_loop, num_warps=4)
+        w, x, x.stride(0), out, out.stride(0), rows, m, n, BM=cbm, BN=cbn, BK=cbk, PREC=prec, M_LOOP=m_loop,
+        num_warps=4)

@@ -280,7 +280,8 @@ def test_opcheck(device_backend):
     y, x = make_case(3, 7, 9, 0.5, 128.0, 1.0)
     y, x = y.to(device), x.to(device)
     sigma = torch.full((3,), 0.5, device=device)
-    for args in ((y, sigma, 0.0, x, 128.0, ft.REFINE_TOL, backend), (y, None, 0.5, x, math.inf, ft.REFINE_TOL, backend)):
+    tol = ft.REFINE_TOL
+    for args in ((y, sigma, 0.0, x, 128.0, tol, backend), (y, None, 0.5, x, math.inf, tol, backend)):
         torch.library.opcheck(ft._field_op, args)
         torch.library.opcheck(ft._field_op, tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i in (0, 3)
                                                   else a for i, a in enumerate(args)),
@@ -330,7 +331,8 @@ kernels = {
                        {"BM": 64, "BN": 64, "BK": 32, "PREC": "tf32x3", "N_LOOP": 3072}),
     "_finalize_kernel": ({"y_ptr": P32, "y_stride": "i64", "x_ptr": P32, "x_stride": "i64", "s_ptr": P32,
                           "logz_ptr": P32, "ny_ptr": P64, "nx_ptr": P64, "sigma_ptr": P32, "m": "i32", "n": "i32",
-                          "D": "fp32", "coef_l": "fp32", "coef_stat_l": "fp32", "refine_tol": "fp32", "CUT": "constexpr",
+                          "D": "fp32", "coef_l": "fp32", "coef_stat_l": "fp32", "refine_tol": "fp32",
+                          "CUT": "constexpr",
                           "FINITE_D": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                           "M_LOOP": "constexpr", "N_LOOP": "constexpr"},
                          {"CUT": 40.0, "FINITE_D": "FINITE", "BLOCK_M": 32, "BLOCK_N": 128, "M_LOOP": 1024,

@@ -352,7 +352,8 @@ int64_t field_target(uintptr_t y_ptr, int64_t ys, uintptr_t x_ptr, int64_t xs, u
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
         const double sg = sigma ? static_cast<double>(sigma[i]) : sigma_scalar;
-        const double lz = finalize_row(y + i * ys, ny[i], x, xs, nx.data(), nxr.data(), m, n, D, sg, refine_tol, s + r * m, rs,
+        const double lz = finalize_row(y + i * ys, ny[i], x, xs, nx.data(), nxr.data(), m, n, D, sg, refine_tol,
+                                       s + r * m, rs,
                                              &refined);
         logz[i] = static_cast<float>(lz);
       }

@@ -248,14 +248,15 @@ int field_target(uintptr_t y, int64_t ys, uintptr_t x, int64_t xs, uintptr_t out
   double* nx = ny + rows;
   norms_kernel<<<static_cast<unsigned>(rows), kThreads, 0, st>>>(yp, ys, n, ny);
   norms_kernel<<<static_cast<unsigned>(m), kThreads, 0, st>>>(xp, xs, n, nx);
-  const dim3 screen_grid(static_cast<unsigned>((m + kTile - 1) / kTile), static_cast<unsigned>((rows + kTile - 1) / kTile));
+  const auto row_tiles = static_cast<unsigned>((rows + kTile - 1) / kTile);
+  const dim3 screen_grid(static_cast<unsigned>((m + kTile - 1) / kTile), row_tiles);
   screen_kernel<<<screen_grid, kThreads, 0, st>>>(yp, ys, xp, xs, wp, rows, m, n);
   // FFMA chain over all of K per output: the error-bound chain length is n (+ slack).
   const double coef_l = (static_cast<double>(n) + 16.0) * field::kUnit;
   finalize_kernel<<<static_cast<unsigned>(rows), kThreads, 0, st>>>(
       yp, ys, xp, xs, wp, reinterpret_cast<float*>(logz), ny, nx, reinterpret_cast<const float*>(sigma), sigma_scalar,
       m, n, D, coef_l, refine_tol);
-  const dim3 combine_grid(static_cast<unsigned>((n + kTile - 1) / kTile), static_cast<unsigned>((rows + kTile - 1) / kTile));
+  const dim3 combine_grid(static_cast<unsigned>((n + kTile - 1) / kTile), row_tiles);
   combine_kernel<<<combine_grid, kThreads, 0, st>>>(wp, xp, xs, reinterpret_cast<float*>(out), os, rows, m, n);
   return static_cast<int>(cudaGetLastError());
 }

@@ -14,8 +14,9 @@
 // roundings of an fp32 accumulation chain of length L are independent; when all products
 // have one sign (partial sums grow linearly, the worst case for the statistics) the dot's
 // error has a standard deviation of about 0.17 u |y| |x| L / sqrt(n); E' is 6 of those
-// (times 2 for the -2 y.x), about 70x below the worst-case bound E for N = 3072. Logits are taken relative to the row's best q in fp64
-// (log1p of a small ratio), so no large logit is ever rounded to fp32.
+// (times 2 for the -2 y.x), about 70x below the worst-case bound E for N = 3072.
+// Logits are taken relative to the row's best q: the ratio (q - q_ref) / q_ref in fp64, then
+// log1p of it, so no large logit is ever rounded to fp32.
 #pragma once
 
 #include <cmath>
