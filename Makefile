@@ -29,7 +29,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
-	$(PY) -m pytest -q benchmarks --benchmark-only -p no:randomly
+	$(PY) -m pytest -q benchmarks
 
 clean:
 	rm -rf build $(VENV) *.egg-info ipfm_fast/_C*.so

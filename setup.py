@@ -74,6 +74,15 @@ class BuildExt(build_ext):
 
     def build_extension(self, ext):
         plan, skip_reason = cuda_plan()
+        # setuptools skips an extension whose sources are older than its output, even when
+        # the CUDA switches changed: remember the configuration and force a rebuild on change.
+        config = repr((plan, skip_reason, os.environ.get("IPFM_FAST_CUDA_ARCHS", "80;90")))
+        stamp = os.path.join(self.build_temp, "ipfm_fast_config.txt")
+        if not os.path.exists(stamp) or open(stamp).read() != config:
+            self.force = True
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(config)
         if plan is None:
             log(f"skipping the CUDA kernels: {skip_reason}")
             ext.define_macros.append(("IPFM_CUDA_SKIP_REASON", f'"{skip_reason}"'))
@@ -127,7 +136,7 @@ extension = Pybind11Extension(
     include_dirs=["csrc/include", "csrc/cpu", "csrc/cuda"],
     depends=HEADERS,
     cxx_std=20,
-    extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
+    extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
     extra_link_args=["-fopenmp"],
 )
 

@@ -25,7 +25,7 @@ python -m pytest -q -x tests -p no:cacheprovider >"$OUT/tests.txt" 2>&1; echo "t
 tail -5 "$OUT/tests.txt"
 
 log "benchmarks"
-python -m pytest -q benchmarks --benchmark-only -p no:cacheprovider >"$OUT/bench.txt" 2>&1
+python -m pytest -q benchmarks -p no:cacheprovider >"$OUT/bench.txt" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/summary.txt"
 tail -5 "$OUT/bench.txt"
 

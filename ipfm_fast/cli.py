@@ -6,7 +6,10 @@ declares its arguments; COMMANDS lists them in help order.
 
 import argparse
 import json
+import math
+import os
 import sys
+import time
 
 
 def add_info(sub):
@@ -23,7 +26,305 @@ def cmd_info(args):
     return 0
 
 
-COMMANDS = [("info", add_info, cmd_info)]
+# --------------------------------------------------------------------------------------
+# shared argument types
+# --------------------------------------------------------------------------------------
+
+
+def parse_D(text):
+    """--D: a positive number or inf (the EDM / diffusion limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"D must be a positive number or 'inf', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"D must be > 0 (or inf), got {text!r}")
+    return value
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _int_list(text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_runtime(p):
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available; default)")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--threads", default="auto",
+                   help="CPU threads: auto (1 for models under 2M parameters, else torch's default) or a number")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm progress bars (default: when stderr is a terminal)")
+
+
+def _log(msg):
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# train-teacher
+# --------------------------------------------------------------------------------------
+
+
+def add_train_teacher(sub):
+    from ipfm_fast.train.teacher import TeacherConfig
+
+    d = TeacherConfig()
+    p = sub.add_parser(
+        "train-teacher", help="train a PFGM++ teacher (default: digits, D=128, ~2 min on 2 CPU cores)",
+        description="Train a PFGM++ denoiser D(y, sigma) -> x with ln sigma ~ N(P_mean, P_std^2), "
+                    "y = perturb(x, sigma, D) and loss lambda(sigma)||D(y, sigma) - target||^2. Writes "
+                    "config.json, checkpoint.safetensors (resume state), teacher.safetensors (EMA weights), "
+                    "log.jsonl, summary.json and samples.png into --out, then (unless --eval-samples 0) "
+                    "reports the 35-NFE Frechet distance next to the train-vs-test data baseline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=d.data, help="'digits', a folder of PNG/JPEG images or an .npz of uint8 images")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                   help="held-out fraction for folder/.npz data without a given split (digits: 360 images)")
+    p.add_argument("--out", default=d.out, help="run folder")
+    p.add_argument("--D", type=parse_D, default=d.D, help="augmentation dimension: a positive number or inf (EDM)")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", default=d.arch, choices=("auto", "mlp", "unet"),
+                   help="raw network inside EDM preconditioning; auto = MLP for images of <= 1024 values "
+                        "(e.g. 8x8 digits), U-Net for larger ones")
+    m.add_argument("--width", type=_positive_int, default=None,
+                   help="MLP width (default 128) or U-Net base channels (default 32)")
+    m.add_argument("--depth", type=_positive_int, default=None,
+                   help="MLP residual blocks (default 3) or U-Net blocks per resolution (default 1)")
+    m.add_argument("--mults", type=_int_list, default=None, help="U-Net channel multipliers per resolution (default 1,2)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=_positive_int, default=d.steps)
+    o.add_argument("--batch", type=_positive_int, default=d.batch)
+    o.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (after a linear warm-up)")
+    o.add_argument("--warmup", type=_nonneg_int, default=d.warmup, help="warm-up steps")
+    o.add_argument("--ema", type=float, default=d.ema, help="EMA decay per step (with a short warm-up)")
+    o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (0: off)")
+    o.add_argument("--p-mean", type=float, default=d.p_mean, help="mean of ln sigma")
+    o.add_argument("--p-std", type=float, default=d.p_std, help="std of ln sigma")
+    o.add_argument("--target", default=d.target, choices=("x", "field"),
+                   help="regression target: the clean batch x, or the reference-batch field target (STF)")
+    o.add_argument("--ref-batch", type=_positive_int, default=d.ref_batch,
+                   help="reference batch size M for --target field (the batch plus M - batch other images)")
+    o.add_argument("--seed", type=int, default=d.seed)
+    r = p.add_argument_group("checkpoints, logs and evaluation")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from --out/checkpoint.safetensors (bit-identical on CPU); the recipe comes from "
+                        "the checkpoint, --steps may be raised")
+    r.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
+    r.add_argument("--log-every", type=_positive_int, default=d.log_every, help="steps per log.jsonl line")
+    r.add_argument("--eval-samples", type=_nonneg_int, default=None,
+                   help="samples for the final evaluation (default: the training split's size; 0: skip)")
+    r.add_argument("--eval-steps", type=_positive_int, default=d.eval_steps, help="Heun steps (NFE = 2 steps - 1)")
+    _add_runtime(p)
+
+
+def cmd_train_teacher(args):
+    from ipfm_fast.train.teacher import TeacherConfig, train_teacher
+
+    cfg = TeacherConfig(
+        data=args.data, out=args.out, D=args.D, arch=args.arch, width=args.width, depth=args.depth, mults=args.mults,
+        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, ema=args.ema, grad_clip=args.grad_clip,
+        p_mean=args.p_mean, p_std=args.p_std, target=args.target, ref_batch=args.ref_batch, seed=args.seed,
+        device=args.device, precision=args.precision, threads=args.threads,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, eval_samples=args.eval_samples,
+        eval_steps=args.eval_steps, test_fraction=args.test_fraction)
+    summary = train_teacher(cfg, resume=args.resume, progress=args.progress, log=_log)
+    print(f"summary: {os.path.join(args.out, 'summary.json')}")
+    return 0 if summary else 1
+
+
+# --------------------------------------------------------------------------------------
+# sample
+# --------------------------------------------------------------------------------------
+
+
+def _add_model_source(p):
+    p.add_argument("--teacher", required=True,
+                   help="run folder, teacher.safetensors, a training checkpoint, or (with --trust-pickle) a .pkl/.pt")
+    p.add_argument("--weights", default="ema",
+                   help="which weights of a training checkpoint: ema (default; samples well) or model (the online "
+                        "weights, which do not)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a pickle (.pkl/.pt): this EXECUTES CODE from the file; only for trusted files")
+    p.add_argument("--D", type=parse_D, default=None, help="augmentation dimension (default: the checkpoint's)")
+    p.add_argument("--shape", type=_int_list, default=None,
+                   help="one sample's shape C,H,W (default: the checkpoint's; needed for pickles without it)")
+
+
+def _load_model(args, device):
+    from ipfm_fast.checkpoint import decode_D, load_denoiser
+    from ipfm_fast.models import count_params
+
+    model, meta = load_denoiser(args.teacher, device=device, which=args.weights, trust_pickle=args.trust_pickle)
+    D = args.D if args.D is not None else (decode_D(meta["D"]) if "D" in meta else None)
+    if D is None and "config" in meta:
+        D = decode_D(meta["config"]["D"])
+    if D is None:
+        raise ValueError(f"--D is needed: {args.teacher!r} does not record its augmentation dimension")
+    shape = args.shape or (meta.get("model") or {}).get("shape")
+    if shape is None:
+        net = getattr(model, "net", None)
+        if hasattr(net, "img_channels") and hasattr(net, "img_resolution"):
+            shape = [net.img_channels, net.img_resolution, net.img_resolution]
+        else:
+            raise ValueError("--shape C,H,W is needed: the model does not record its sample shape")
+    arch = (meta.get("model") or {}).get("arch", type(getattr(model, "net", model)).__name__)
+    _log(f"model: {arch}, {count_params(model):,} parameters, D = {D:g}, sample shape {list(shape)}")
+    return model, meta, D, list(shape)
+
+
+def add_sample(sub):
+    p = sub.add_parser(
+        "sample", help="sample a teacher with the Heun ODE (18 steps = 35 NFE); PNG grid and/or .npz",
+        description="Heun ODE in sigma (EDM) from the PFGM++ prior at sigma_max; deterministic for a seed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_source(p)
+    p.add_argument("--num", type=_positive_int, default=100, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_positive_int, default=18, help="Heun steps (NFE = 2 steps - 1)")
+    p.add_argument("--sigma-max", type=float, default=80.0)
+    p.add_argument("--sigma-min", type=float, default=0.002)
+    p.add_argument("--rho", type=float, default=7.0)
+    p.add_argument("--batch", type=_positive_int, default=1000, help="samples per sampler batch")
+    p.add_argument("--png", default=None, help="write a grid of (up to 400) samples here")
+    p.add_argument("--npz", default=None, help="write all samples here (uint8 x [N, H, W, C] and float x_float)")
+    _add_runtime(p)
+
+
+def cmd_sample(args):
+    from ipfm_fast.data import save_grid
+    from ipfm_fast.models import count_params
+    from ipfm_fast.sampling import nfe, sample, save_npz
+    from ipfm_fast.train import common
+
+    if not args.png and not args.npz:
+        raise ValueError("nothing to write: give --png PATH and/or --npz PATH")
+    if not (0 < args.sigma_min < args.sigma_max):
+        raise ValueError(f"need 0 < --sigma-min < --sigma-max, got {args.sigma_min}, {args.sigma_max}")
+    device = common.resolve_device(args.device)
+    precision = common.resolve_precision(args.precision, device)
+    model, meta, D, shape = _load_model(args, device)
+    with common.num_threads(common.resolve_threads(args.threads, device, count_params(model))):
+        bar = common.progress(args.num, desc=f"sample ({nfe(args.steps)} NFE)", enabled=args.progress)
+        t0 = time.perf_counter()
+        x = sample(model, args.num, shape, D, seed=args.seed, steps=args.steps, batch=args.batch, device=device,
+                   sigma_max=args.sigma_max, sigma_min=args.sigma_min, rho=args.rho,
+                   autocast=lambda: common.autocast(device, precision), progress=bar)
+        bar.close()
+        dt = time.perf_counter() - t0
+    _log(f"{args.num} samples at {nfe(args.steps)} NFE in {dt:.1f} s ({args.num / dt:.0f} images/s)")
+    if args.png:
+        _log(f"grid -> {save_grid(x[:400], args.png)}")
+    if args.npz:
+        _log(f"samples -> {save_npz(args.npz, x, seed=args.seed, nfe=nfe(args.steps), D=D)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------
+
+
+def add_evaluate(sub):
+    p = sub.add_parser(
+        "evaluate", help="Frechet distance (classifier features) and sliced Wasserstein vs the test split",
+        description="Score a teacher (sampled with the Heun ODE, one sample set per seed) or an .npz of samples "
+                    "against the data set's held-out split: Frechet distance in the feature space of a small "
+                    "classifier trained deterministically on the training split (cached in --cache-dir), and "
+                    "pixel-space sliced Wasserstein-2. Always prints the train-vs-test data baseline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", help="run folder or denoiser file to sample (see `ipfm-fast sample --help`)")
+    src.add_argument("--samples", help=".npz of samples (uint8 x [N, H, W, C], as `sample --npz` writes)")
+    p.add_argument("--weights", default="ema",
+                   help="which weights of a training checkpoint: ema (default) or model (online weights)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a pickle (.pkl/.pt): this EXECUTES CODE from the file; only for trusted files")
+    p.add_argument("--D", type=parse_D, default=None, help="augmentation dimension (default: the checkpoint's)")
+    p.add_argument("--shape", type=_int_list, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--data", default=None, help="data set to compare with (default: the checkpoint's, else digits)")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="as in train-teacher")
+    p.add_argument("--seeds", type=_positive_int, default=5, help="sampling seeds 0..N-1 (mean and spread reported)")
+    p.add_argument("--num", type=_positive_int, default=None, help="samples per seed (default: training split size)")
+    p.add_argument("--steps", type=_positive_int, default=18, help="Heun steps (NFE = 2 steps - 1)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the FD classifier is cached (default: the teacher's run folder, or next to --samples)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+    _add_runtime(p)
+
+
+def cmd_evaluate(args):
+    from ipfm_fast.data import load_dataset, load_images
+    from ipfm_fast.metrics import Evaluator, summarize
+    from ipfm_fast.models import count_params
+    from ipfm_fast.train import common
+    from ipfm_fast.train.teacher import evaluate_denoiser
+
+    device = common.resolve_device(args.device)
+    precision = common.resolve_precision(args.precision, device)
+    if args.samples:
+        if not os.path.exists(args.samples):
+            raise FileNotFoundError(f"--samples: {args.samples!r} does not exist")
+        data = load_dataset(args.data or "digits", test_fraction=args.test_fraction)
+        cache = args.cache_dir or os.path.dirname(os.path.abspath(args.samples))
+        with common.num_threads(1 if device.type == "cpu" else None):
+            ev = Evaluator(data, cache, device=device, log=_log)
+            res = ev.score(load_images(args.samples))
+        res = {"fd": summarize([res["fd"]]), "sw": summarize([res["sw"]]), **{k: v for k, v in res.items()
+                                                                              if k not in ("fd", "sw")}}
+        _log(f"FD: {res['fd']['mean']:.3f} (data baseline {res['baseline_fd']:.3f}, ratio "
+             f"{res['fd']['mean'] / res['baseline_fd']:.2f}x) | SW: {res['sw']['mean']:.4f} "
+             f"(baseline {res['baseline_sw']:.4f}) | {res['n']} samples vs {res['n_test']} test images")
+    else:
+        model, meta, D, shape = _load_model(args, device)
+        data_spec = args.data or meta.get("data") or (meta.get("config") or {}).get("data") or "digits"
+        data = load_dataset(data_spec, test_fraction=args.test_fraction)
+        cache = args.cache_dir or (args.teacher if os.path.isdir(args.teacher)
+                                   else os.path.dirname(os.path.abspath(args.teacher)))
+        num = args.num or len(data.train)
+        with common.num_threads(common.resolve_threads(args.threads, device, count_params(model))):
+            res = evaluate_denoiser(model, data, D, cache, num=num, steps=args.steps, seeds=list(range(args.seeds)),
+                                    device=device, precision=precision, log=_log)
+        res["teacher"] = os.path.abspath(args.teacher)
+        res["D"] = "inf" if math.isinf(D) else D
+    res["data"] = data.describe()
+    if args.json_out:
+        from ipfm_fast.train.common import write_json
+
+        write_json(args.json_out, res)
+        _log(f"results -> {args.json_out}")
+    return 0
+
+
+COMMANDS = [
+    ("info", add_info, cmd_info),
+    ("train-teacher", add_train_teacher, cmd_train_teacher),
+    ("sample", add_sample, cmd_sample),
+    ("evaluate", add_evaluate, cmd_evaluate),
+]
 
 
 def build_parser():
@@ -41,7 +342,7 @@ def main(argv=None):
     handler = dict((name, cmd) for name, _, cmd in COMMANDS)[args.command]
     try:
         return handler(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
         print(f"ipfm-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -54,5 +54,6 @@ def format_report(info):
     for device, table in info["backends"].items():
         lines.append(f"{device} tensors (auto -> {info['auto'][device]}):")
         for backend, reason in table.items():
-            lines.append(f"  {backend:<10} {'yes' if reason is None else 'no: ' + reason}")
+            why = reason.split(": ", 1)[1] if reason and reason.startswith(f"{backend}: ") else reason
+            lines.append(f"  {backend:<10} {'yes' if reason is None else 'no: ' + why}")
     return "\n".join(lines)

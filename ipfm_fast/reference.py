@@ -7,6 +7,7 @@ flattened to N), augmentation dimension :math:`D > 0` or ``math.inf``, alignment
 """
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -257,6 +258,60 @@ def field_target_pfgmpp_style(y, sigma, x_ref, D, *, chunk_bytes=2**28):
 # --------------------------------------------------------------------------------------
 
 
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction, op):
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return reduction
+
+
+def check_loss_inputs(op, **tensors):
+    """The loss inputs (name -> tensor): floating-point tensors [B, ...] of one shape, one
+    device and one dtype. Returns the number of rows B."""
+    (first_name, first), *rest = tensors.items()
+    check_rows(first, first_name, op)
+    for name, t in rest:
+        check_rows(t, name, op)
+        if t.shape != first.shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but {first_name} has shape "
+                             f"{tuple(first.shape)}; they must match")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{op}: {name} is {t.dtype} but {first_name} is {first.dtype}; pass one dtype")
+    return first.shape[0]
+
+
+def check_real(value, name, op, *, positive=False):
+    """A finite Python number (positive if asked), returned as float."""
+    if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a Python float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{op}: {name} must be {'positive and ' if positive else ''}finite, got {value}")
+    return value
+
+
+def check_loss_weight(weight, rows, device, op):
+    """weight: "adaptive" (returns None) or a floating-point tensor [B] (also [B, 1, ...]) on
+    ``device`` (returned as [B])."""
+    if isinstance(weight, str):
+        if weight != "adaptive":
+            raise ValueError(f"{op}: weight must be 'adaptive' or a tensor of shape [{rows}], got {weight!r}")
+        return None
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: weight must be 'adaptive' or a tensor of shape [{rows}], got {type(weight).__name__}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"{op}: weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.device != torch.device(device):
+        raise ValueError(f"{op}: weight is on {weight.device} but the inputs are on {device}")
+    if weight.dim() < 1 or weight.shape[0] != rows or any(s != 1 for s in weight.shape[1:]):
+        raise ValueError(f"{op}: weight must have shape [{rows}] (one per row), got {tuple(weight.shape)}")
+    return weight.reshape(rows)
+
+
 def _reduce(per_row, reduction, op):
     if reduction == "mean":
         return per_row.mean()
@@ -278,25 +333,30 @@ def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive
     or a given weight [B]. Rows with a NaN/Inf in any input contribute 0 and get zero
     gradient. reduction: "mean" = sum of per-row losses / B (as the reference loops
     scale it), "sum", or "none" -> [B]. With ``return_masked`` also returns the number of
-    masked rows as a 0-dim int64 tensor (no host sync).
+    masked rows as a 0-dim int64 tensor (no host sync). Computed in float32 (float64 for
+    float64 inputs, the tests' ground truth); the loss has that dtype.
     """
+    op = "reference.ipfm_generator_loss"
     a, b = teacher_out, fake_out
-    rows = a.shape[0]
-    a2, b2, x2 = (t.reshape(rows, -1) for t in (a, b, x))
+    rows = check_loss_inputs(op, teacher_out=a, fake_out=b, x=x)
+    alpha = check_real(alpha, "alpha", op)
+    weight = check_loss_weight(weight, rows, a.device, op)
+    check_reduction(reduction, op)
+    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+    n = math.prod(a.shape[1:])
+    a2, b2, x2 = (t.reshape(rows, n).to(compute) for t in (a, b, x))
     finite = torch.isfinite(a2).all(1) & torch.isfinite(b2).all(1) & torch.isfinite(x2).all(1)
     keep = finite[:, None]
     a2, b2, x2 = (torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in (a2, b2, x2))
-    if isinstance(weight, str):
-        if weight != "adaptive":
-            raise ValueError(f"reference.ipfm_generator_loss: weight must be 'adaptive' or a [B] tensor, got {weight!r}")
+    if weight is None:
         w = 1.0 / (x2 - a2).abs().mean(1).clamp_min(1e-5)
         w = w.detach()
     else:
-        w = torch.where(finite, weight.reshape(rows), torch.zeros((), dtype=weight.dtype, device=weight.device))
+        w = torch.where(finite, weight.to(compute), torch.zeros((), dtype=compute, device=weight.device))
     diff = a2 - b2
     per_row = w * (diff * ((a2 - x2) - alpha * diff)).sum(1)
     per_row = torch.where(finite, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device))
-    loss = _reduce(per_row, reduction, "reference.ipfm_generator_loss")
+    loss = _reduce(per_row, reduction, op)
     return (loss, (~finite).sum()) if return_masked else loss
 
 
@@ -308,10 +368,43 @@ def fake_loss_weight(sigma, sigma_data=0.5):
 def ipfm_fake_loss(fake_out, x, sigma, *, sigma_data=0.5, reduction="mean"):
     r"""Field-matching loss of the fake network (and PFGM++ teacher training),
     :math:`\ell_i = \lambda(\sigma_i)\lVert b_i - x_i\rVert^2` with b = fake_out [B, ...],
-    x the target [B, ...] (callers detach it), sigma float or [B]."""
+    x the target [B, ...] (callers detach it), sigma float or [B] (differentiable).
+    reduction as in :func:`ipfm_generator_loss`. Non-finite values are not masked."""
     op = "reference.ipfm_fake_loss"
-    rows = fake_out.shape[0]
+    rows = check_loss_inputs(op, fake_out=fake_out, x=x)
+    sigma_data = check_real(sigma_data, "sigma_data", op, positive=True)
+    check_reduction(reduction, op)
     compute = torch.float64 if fake_out.dtype == torch.float64 else torch.float32
     sig = _row_sigma(sigma, rows, fake_out.device, compute, op)
-    per_row = fake_loss_weight(sig, sigma_data) * (fake_out.to(compute) - x.to(compute)).reshape(rows, -1).square().sum(1)
+    per_row = fake_loss_weight(sig, sigma_data) * (fake_out.to(compute) - x.to(compute)).reshape(rows, math.prod(x.shape[1:])).square().sum(1)
     return _reduce(per_row, reduction, op)
+
+
+def ipfm_generator_loss_sid_style(teacher_out, fake_out, x, *, alpha=1.0):
+    r"""The generator loss as the SiD / IPFM training loops write it in eager PyTorch (the
+    baseline the fused kernels are measured against): rows with a NaN are dropped by
+    boolean indexing (a host sync), the adaptive weight is taken in fp32 without
+    gradient, about ten elementwise passes forward and as many backward; returns the sum
+    of the per-row losses / B (reduction "mean")."""
+    a, b = teacher_out, fake_out
+    rows = x.shape[0]
+    dims = list(range(1, x.dim()))
+    nan_rows = torch.isnan(x).flatten(1).any(1) | torch.isnan(a).flatten(1).any(1) | torch.isnan(b).flatten(1).any(1)
+    if nan_rows.any():
+        keep = ~nan_rows
+        a, b, x = a[keep], b[keep], x[keep]
+    with torch.no_grad():
+        weight_factor = (x.float() - a.float()).abs().mean(dim=dims, keepdim=True).clip(min=1e-5)
+    loss = (a - b) * ((a - x) - alpha * (a - b)) / weight_factor
+    return loss.sum() / rows
+
+
+def ipfm_fake_loss_edm_style(fake_out, x, sigma, *, sigma_data=0.5):
+    r"""The fake-network loss as EDM / SiD write it in eager PyTorch (baseline):
+    ``weight * (b - x) ** 2`` with the weight broadcast per row, summed / B."""
+    rows = fake_out.shape[0]
+    if not isinstance(sigma, torch.Tensor):
+        sigma = torch.full((rows,), float(sigma), device=fake_out.device)
+    sigma = sigma.reshape(rows, *[1] * (fake_out.dim() - 1))
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    return (weight * ((fake_out - x) ** 2)).sum() / rows

@@ -3,8 +3,8 @@
 .. math::
     y = x + \\sigma \\, g \\, \\sqrt{D / W}, \\quad g \\sim \\mathcal N(0, I_N), \\quad W \\sim \\chi^2_D
 
-One program owns ``4 * BLOCK_G`` consecutive elements of one row: it reads them once and
-writes ``y`` (and the noise when asked) once, so a call moves ``2 * B * N`` elements
+One program owns a tile of ``ROWS`` rows by ``4 * BLOCK_G`` consecutive elements (ROWS > 1
+only for short rows): it reads x once and writes ``y`` (and the noise when asked) once, so a call moves ``2 * B * N`` elements
 (``3 * B * N`` with the noise) and nothing else. The random numbers are the same as the
 C++ kernels' (``csrc/include/ipfm/perturb_math.h``):
 
@@ -13,6 +13,9 @@ C++ kernels' (``csrc/include/ipfm/perturb_math.h``):
 * chi-square: Marsaglia-Tsang candidates on counters ``(t, b, 1, 0)``, evaluated
   ``CAND`` at a time, the first accepted in counter order wins. Every program of a row
   redraws the same W (a few Philox calls) instead of launching a second kernel.
+
+Tile sizes are chosen by the launcher (ipfm_fast/ops/perturb.py): about 1024 elements per
+program on a GPU; far larger tiles in the interpreter, where each program costs ~0.1 s.
 """
 
 import triton
@@ -23,32 +26,36 @@ CAND = 8  # Marsaglia-Tsang candidates tested together; P(all 8 rejected) < 1e-9
 
 
 @triton.jit
-def chi2_scale(seed, row, alpha, CAND: tl.constexpr):
-    """sqrt(alpha / Gamma(alpha)) = sqrt(D / W) for one row, alpha = D / 2, in fp64."""
-    lane = tl.arange(0, CAND)
+def chi2_scale(seed, rows, alpha, CAND: tl.constexpr):
+    """sqrt(alpha / Gamma(alpha)) = sqrt(D / W) for a block of rows, alpha = D / 2, fp64.
+
+    Candidates form a [ROWS, CAND] tile; the loop runs until every row has accepted one
+    (P(one row needs a second round) < 1e-9 for CAND = 8)."""
+    lane = tl.arange(0, CAND)[None, :]
     boost = alpha < 1.0  # Gamma(alpha) = Gamma(alpha + 1) * U^(1 / alpha)
     a = tl.where(boost, alpha + 1.0, alpha)
     d = a - 1.0 / 3.0
     c = 1.0 / tl.sqrt(9.0 * d)
-    zeros = tl.zeros([CAND], dtype=tl.uint32)
-    row_ctr = zeros + row.to(tl.uint32)
+    zeros = tl.zeros([rows.shape[0], CAND], dtype=tl.uint32)
+    row_ctr = zeros + rows.to(tl.uint32)[:, None]
     domain = zeros + 1
-    gamma = alpha * 0.0 - 1.0
+    gamma = tl.zeros([rows.shape[0]], dtype=tl.float64) - 1.0
     attempt = 0
-    while gamma < 0.0:
-        ctr = (attempt * CAND + lane).to(tl.uint32)
+    while tl.min(gamma, axis=0) < 0.0:
+        ctr = zeros + (attempt * CAND + lane).to(tl.uint32)
         r0, r1, r2, r3 = philox(seed, ctr, row_ctr, domain, zeros)
         normal, _ = pair_uniform_to_normal(uint_to_uniform_float(r0), uint_to_uniform_float(r1))
         n = normal.to(tl.float64)
         base = 1.0 + c * n
         v = base * base * base
         u = uint_to_uniform_float(r2).to(tl.float64)
-        ok = (base > 0.0) & (tl.log(u) < 0.5 * n * n + d - d * v + d * tl.log(v))
+        # v > 0 is required; max() only keeps log() quiet on rejected lanes.
+        ok = (base > 0.0) & (tl.log(u) < 0.5 * n * n + d - d * v + d * tl.log(tl.maximum(v, 1e-300)))
         boost_factor = tl.exp(tl.log(1.0 - uint_to_uniform_float(r3).to(tl.float64)) / alpha)
         candidate = d * v * tl.where(boost, boost_factor, 1.0)
-        first = tl.min(tl.where(ok, lane, CAND), axis=0)
-        picked = tl.sum(tl.where(lane == first, candidate, 0.0), axis=0)
-        gamma = tl.where(first < CAND, picked, -1.0)
+        first = tl.min(tl.where(ok, lane, CAND), axis=1)
+        picked = tl.sum(tl.where(lane == first[:, None], candidate, 0.0), axis=1)
+        gamma = tl.where((gamma < 0.0) & (first < CAND), picked, gamma)
         attempt += 1
     return tl.sqrt(alpha / gamma)
 
@@ -57,36 +64,39 @@ def chi2_scale(seed, row, alpha, CAND: tl.constexpr):
 def perturb_kernel(
     x_ptr, x_row_stride, y_ptr, y_row_stride, noise_ptr, noise_row_stride,
     sigma_ptr, sigma_scalar, alpha: tl.float64, seed_ptr,
-    n, groups, blocks_per_row,
+    n_rows, n, groups, blocks_per_row,
     HAS_X: tl.constexpr, SIGMA_PER_ROW: tl.constexpr, WRITE_NOISE: tl.constexpr,
-    FINITE_D: tl.constexpr, BLOCK_G: tl.constexpr, CAND: tl.constexpr,
+    FINITE_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr, CAND: tl.constexpr,
 ):
+    """One program: a [ROWS, 4 * BLOCK_G] tile (ROWS > 1 only when rows are short)."""
     pid = tl.program_id(0)
-    row = pid // blocks_per_row
+    rows = (pid // blocks_per_row) * ROWS + tl.arange(0, ROWS)
     chunk = pid % blocks_per_row
+    row_mask = rows < n_rows
     seed = tl.load(seed_ptr)
     if FINITE_D:
-        scale = chi2_scale(seed, row, alpha, CAND).to(tl.float32)
+        scale = chi2_scale(seed, rows, alpha, CAND).to(tl.float32)
     else:
-        scale = 1.0
+        scale = tl.full([ROWS], 1.0, dtype=tl.float32)
     if SIGMA_PER_ROW:
-        sigma = tl.load(sigma_ptr + row)
+        sigma = tl.load(sigma_ptr + rows, mask=row_mask, other=1.0)
     else:
-        sigma = sigma_scalar
+        sigma = tl.full([ROWS], sigma_scalar, dtype=tl.float32)
     # A bad sigma in a device tensor cannot raise without a host sync: make the row NaN.
     factor = tl.where((sigma > 0.0) & (sigma < float("inf")), sigma * scale, float("nan"))
 
-    group = chunk * BLOCK_G + tl.arange(0, BLOCK_G)
-    n1, n2, n3, n4 = tl.randn4x(seed, row.to(tl.int64) * groups + group)
-    g = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [4 * BLOCK_G])
-    cols = chunk * (4 * BLOCK_G) + tl.arange(0, 4 * BLOCK_G)
-    mask = cols < n
-    row64 = row.to(tl.int64)
+    rows64 = rows.to(tl.int64)[:, None]
+    group = chunk * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
+    n1, n2, n3, n4 = tl.randn4x(seed, rows64 * groups + group)
+    g = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [ROWS, 4 * BLOCK_G])
+    cols = chunk * (4 * BLOCK_G) + tl.arange(0, 4 * BLOCK_G)[None, :]
+    mask = row_mask[:, None] & (cols < n)
     if HAS_X:
-        x = tl.load(x_ptr + row64 * x_row_stride + cols, mask=mask).to(tl.float32)
-        y = x + factor * g
+        x = tl.load(x_ptr + rows64 * x_row_stride + cols, mask=mask).to(tl.float32)
+        y = x + factor[:, None] * g
     else:
-        y = factor * g
-    tl.store(y_ptr + row64 * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        y = factor[:, None] * g
+    tl.store(y_ptr + rows64 * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     if WRITE_NOISE:
-        tl.store(noise_ptr + row64 * noise_row_stride + cols, (scale * g).to(noise_ptr.dtype.element_ty), mask=mask)
+        noise = scale[:, None] * g
+        tl.store(noise_ptr + rows64 * noise_row_stride + cols, noise.to(noise_ptr.dtype.element_ty), mask=mask)

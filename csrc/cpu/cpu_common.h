@@ -105,7 +105,7 @@ inline float vlog(float x) {
 // sin and cos of 2*pi*u for u in [0, 1), reduced in turns (exact) then Cephes
 // polynomials on [-pi/4, pi/4].
 inline void vsincos_turns(float u, float& s_out, float& c_out) {
-  const float q = std::nearbyint(4.0f * u);  // quadrant 0..4
+  const float q = static_cast<float>(static_cast<int>(4.0f * u + 0.5f));  // round(4u) for u >= 0
   const float x = (u - 0.25f * q) * 6.283185307179586f;
   const float z = x * x;
   const float s = x + x * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));

@@ -14,11 +14,11 @@ namespace {
 
 constexpr int64_t kGroupsPerChunk = 64;  // 256 elements: one vectorized Philox batch
 
-// Four normals per counter for kGroupsPerChunk consecutive counters, in the layout
-// normals[j][i] = normal j of counter (first + i). Written branch-free so GCC vectorizes
-// the Philox rounds and the Box-Muller math across i.
+// Four normals per counter for kGroupsPerChunk consecutive counters, in element order:
+// normals[4 * i + j] = normal j of counter (first + i). Written branch-free so GCC
+// vectorizes the Philox rounds and the Box-Muller math across i.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
-void randn4_batch(uint64_t seed, uint64_t first, float normals[4][kGroupsPerChunk]) {
+void randn4_batch(uint64_t seed, uint64_t first, float* __restrict normals) {
   for (int64_t i = 0; i < kGroupsPerChunk; ++i) {
     const uint64_t ctr = first + static_cast<uint64_t>(i);
     const Philox4 r = philox4x32_10(static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), 0u, 0u, seed);
@@ -30,10 +30,10 @@ void randn4_batch(uint64_t seed, uint64_t first, float normals[4][kGroupsPerChun
     float s1, co1, s3, co3;
     vsincos_turns(uint_to_uniform(c1), s1, co1);
     vsincos_turns(uint_to_uniform(c3), s3, co3);
-    normals[0][i] = r01 * co1;
-    normals[1][i] = r01 * s1;
-    normals[2][i] = r23 * co3;
-    normals[3][i] = r23 * s3;
+    normals[4 * i + 0] = r01 * co1;
+    normals[4 * i + 1] = r01 * s1;
+    normals[4 * i + 2] = r23 * co3;
+    normals[4 * i + 3] = r23 * s3;
   }
 }
 
@@ -57,21 +57,22 @@ void perturb_rows(const T* x, int64_t x_row_stride, T* y, int64_t y_row_stride, 
         factor = row_factor(sigma ? sigma[row] : sigma_scalar, scale);
         scale_row = row;
       }
-      float normals[4][kGroupsPerChunk];
+      alignas(64) float normals[4 * kGroupsPerChunk];
       const int64_t g0 = chunk * kGroupsPerChunk;
       randn4_batch(seed, static_cast<uint64_t>(row * groups + g0), normals);
       const int64_t e0 = g0 * 4;
       const int64_t e1 = std::min(n, e0 + 4 * kGroupsPerChunk);
-      const T* xr = x ? x + row * x_row_stride : nullptr;
-      T* yr = y + row * y_row_stride;
-      for (int64_t e = e0; e < e1; ++e) {
-        const float g = normals[(e - e0) & 3][(e - e0) >> 2];
-        const float base = xr ? to_float(xr[e]) : 0.0f;
-        yr[e] = from_float<T>(base + factor * g);
+      const int64_t count = e1 - e0;
+      T* yr = y + row * y_row_stride + e0;
+      if (x) {
+        const T* xr = x + row * x_row_stride + e0;
+        for (int64_t e = 0; e < count; ++e) yr[e] = from_float<T>(to_float(xr[e]) + factor * normals[e]);
+      } else {
+        for (int64_t e = 0; e < count; ++e) yr[e] = from_float<T>(factor * normals[e]);
       }
       if (noise) {
-        T* nr = noise + row * noise_row_stride;
-        for (int64_t e = e0; e < e1; ++e) nr[e] = from_float<T>(scale * normals[(e - e0) & 3][(e - e0) >> 2]);
+        T* nr = noise + row * noise_row_stride + e0;
+        for (int64_t e = 0; e < count; ++e) nr[e] = from_float<T>(scale * normals[e]);
       }
     }
   }

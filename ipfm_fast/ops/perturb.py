@@ -22,7 +22,14 @@ from ipfm_fast import reference as ref
 from ipfm_fast._checks import check_D, check_generator, check_rows, check_sigma
 from ipfm_fast.ops import _launch
 
-_TRITON_BLOCK_G = 256  # Philox counters per Triton program: 1024 elements
+# Philox counters (4 elements each) per Triton program: ~1024 elements on a GPU; in the
+# interpreter each program costs ~0.1 s whatever its size, so tiles are much larger.
+_TRITON_TILE_G = 256
+_TRITON_TILE_G_INTERPRET = 4096
+
+
+def _next_pow2(v):
+    return 1 << max(v - 1, 0).bit_length()
 
 
 def _alpha(D):
@@ -56,15 +63,18 @@ def _launch_perturb(backend, x, y, noise, sigma, sigma_scalar, D, seed):
         from ipfm_fast.kernels.perturb import CAND, perturb_kernel
 
         groups = (n + 3) // 4
-        block_g = min(_TRITON_BLOCK_G, 1 << max(groups - 1, 0).bit_length())
+        tile_g = _TRITON_TILE_G_INTERPRET if backends.triton_interpreter() else _TRITON_TILE_G
+        block_g = min(tile_g, _next_pow2(groups))
+        rows_per_program = min(_next_pow2(rows), max(1, tile_g // block_g))
         blocks_per_row = -(-groups // block_g)
-        perturb_kernel[(rows * blocks_per_row,)](
+        grid = (-(-rows // rows_per_program) * blocks_per_row,)
+        perturb_kernel[grid](
             x if x is not None else y, x_stride, y, _launch.row_stride(y),
             noise if noise is not None else y, noise_stride,
             sigma if sigma is not None else seed, sigma_scalar, alpha, seed,
-            n, groups, blocks_per_row,
+            rows, n, groups, blocks_per_row,
             HAS_X=x is not None, SIGMA_PER_ROW=sigma is not None, WRITE_NOISE=noise is not None,
-            FINITE_D=not math.isinf(D), BLOCK_G=block_g, CAND=CAND,
+            FINITE_D=not math.isinf(D), ROWS=rows_per_program, BLOCK_G=block_g, CAND=CAND,
         )
     else:
         raise AssertionError(backend)
@@ -138,7 +148,7 @@ def _setup_noise(ctx, inputs, output):
 def _noise_backward(ctx, grad_y):
     y, sigma = ctx.saved_tensors
     grad_sigma = None
-    if ctx.needs_input_grad[1]:  # y = sigma * noise: dy/dsigma = y / sigma, no cancellation
+    if ctx.needs_input_grad[3]:  # y = sigma * noise: dy/dsigma = y / sigma, no cancellation
         grad_sigma = (grad_y.float() * y.float()).reshape(y.shape[0], -1).sum(1) / sigma
     return None, None, None, grad_sigma, None, None, None, None
 

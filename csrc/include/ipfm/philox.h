@@ -37,6 +37,8 @@ IPFM_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3
   constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
+#else
+#pragma GCC unroll 10
 #endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t p0 = c0, p2 = c2;
@@ -52,7 +54,7 @@ IPFM_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3
 
 IPFM_HD float uint_to_uniform(uint32_t bits) {
   int32_t v = static_cast<int32_t>(bits);
-  if (v < 0) v = -v - 1;  // -INT32_MIN - 1 == INT32_MAX, no overflow
+  v ^= v >> 31;  // v < 0 -> -v - 1 (= ~v), branch-free so CPU loops vectorize
   return static_cast<float>(v) * 4.6566127342e-10f;
 }
 

@@ -1,0 +1,77 @@
+"""Turns benchmarks/results/<device>/<op>.json into the README's performance table.
+
+    python benchmarks/summarize.py                  # print the table
+    python benchmarks/summarize.py --update-readme  # rewrite the block between the markers
+
+For each op, device, size and mode it reports the best fused backend's time and its
+speedup over every other provider measured in the same run (Triton rows that ran in the
+interpreter are left out: they are not speed measurements).
+"""
+
+import argparse
+import glob
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(os.path.dirname(HERE), "README.md")
+BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
+FUSED = ("cuda", "triton", "cpu")
+
+
+def load():
+    runs = []
+    for path in sorted(glob.glob(os.path.join(HERE, "results", "*", "*.json"))):
+        with open(path) as f:
+            runs.append((os.path.relpath(path, os.path.dirname(HERE)), json.load(f)))
+    return runs
+
+
+def table(runs):
+    lines = ["| op | device | size | mode | fused backend | time | throughput | speedup over | source |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for path, run in runs:
+        rows = [r for r in run["rows"] if not (run.get("triton_interpreter") and r["provider"] == "triton")]
+        keys = sorted({(r["size"], r["mode"]) for r in rows})
+        for size, mode in keys:
+            group = [r for r in rows if r["size"] == size and r["mode"] == mode]
+            fused = [r for r in group if r["provider"] in FUSED]
+            if not fused:
+                continue
+            best = min(fused, key=lambda r: r["median_ms"])
+            others = [r for r in group if r["provider"] not in FUSED]
+            speedups = ", ".join(f"{r['provider']} {r['median_ms'] / best['median_ms']:.1f}x" for r in others)
+            if "GB/s" in best:
+                rate = f"{best['GB/s']:.1f} GB/s"
+                if "copy_bw_fraction" in best:
+                    rate += f" ({100 * best['copy_bw_fraction']:.0f}% of copy)"
+            elif "TFLOP/s" in best:
+                rate = f"{best['TFLOP/s']:.2f} TFLOP/s"
+            else:
+                rate = ""
+            device = run["device"]
+            lines.append(f"| {run['op']} | {device} | {size} | {mode} | {best['provider']} | "
+                         f"{best['median_ms']:.3g} ms | {rate} | {speedups} | [{run['date'][:10]}]({path}) |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+    text = table(load())
+    if not args.update_readme:
+        print(text)
+        return
+    with open(README) as f:
+        readme = f.read()
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(README, "w") as f:
+        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Checkpoints: safetensors weights + JSON config, written atomically; no pickle.
+
+Two kinds of file, both ``.safetensors`` with the JSON in the header metadata (key
+``ipfm_fast``) so one file is always self-consistent:
+
+- a **denoiser file** (``teacher.safetensors``): the EMA weights a sampler uses and the
+  model config that rebuilds the network (``kind: "denoiser"``);
+- a **training checkpoint** (``checkpoint.safetensors``): the online weights
+  (``model/...``), the EMA (``ema/...``), the optimizer state (``opt/optim/...``), the random
+  generators (``rng/...``) and the step, enough for ``--resume`` to continue a run
+  bit-identically on CPU (``kind: "training"``).
+
+Every write goes to a temporary file in the same folder, is fsync'ed and then renamed
+over the target (``os.replace``), so a crash leaves the previous file intact.
+
+Pickle files (``.pkl``, ``.pt``, ``.pth``; e.g. an EDM or PFGM++ network snapshot) are
+loaded only with ``trust_pickle=True`` (CLI ``--trust-pickle``): unpickling runs
+arbitrary code from the file, so only do it for files you trust.
+"""
+
+import json
+import math
+import os
+import pickle
+
+import torch
+
+from ipfm_fast.models import build_denoiser
+
+META_KEY = "ipfm_fast"
+DENOISER_FILES = ("teacher.safetensors", "generator.safetensors", "model.safetensors")
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth")
+
+
+class PickleRefused(ValueError):
+    pass
+
+
+def _atomic_save(tensors, meta, path):
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, default=_json_default)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _json_default(v):
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def _encode_D(D):
+    return "inf" if math.isinf(D) else D
+
+
+def decode_D(D):
+    return float(D)  # float("inf") parses "inf"
+
+
+def _flat(prefix, state):
+    return {f"{prefix}/{k}": v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def _unflat(prefix, tensors, device=None):
+    p = prefix + "/"
+    return {k[len(p):]: (v if device is None else v.to(device)) for k, v in tensors.items() if k.startswith(p)}
+
+
+def read(path):
+    """(tensors on CPU, metadata dict) of an ipfm_fast safetensors file."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint: {path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+        raise ValueError(f"checkpoint: cannot read {path!r} as safetensors ({type(err).__name__}: {err})") from err
+    if META_KEY not in meta:
+        raise ValueError(f"checkpoint: {path!r} has no ipfm_fast metadata (not written by ipfm_fast)")
+    return tensors, json.loads(meta[META_KEY])
+
+
+# --------------------------------------------------------------------------------------
+# denoiser files
+# --------------------------------------------------------------------------------------
+
+
+def save_denoiser(path, model, model_cfg, **meta):
+    """Write a denoiser's weights (pass the EMA model) and its config."""
+    meta = dict(meta, kind="denoiser", model=model_cfg)
+    return _atomic_save(_flat("net", model.state_dict()), meta, path)
+
+
+def resolve_denoiser_path(path):
+    if os.path.isdir(path):
+        for name in DENOISER_FILES:
+            cand = os.path.join(path, name)
+            if os.path.exists(cand):
+                return cand
+        raise FileNotFoundError(f"{path!r} is a folder without a denoiser file (looked for {', '.join(DENOISER_FILES)})")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"denoiser: {path!r} does not exist")
+    return path
+
+
+def load_denoiser(path, *, device="cpu", which="ema", trust_pickle=False):
+    """Load a denoiser ``forward(x, sigma) -> x0`` in eval mode, and its metadata.
+
+    ``path``: a run folder (uses its teacher/generator/model.safetensors), a denoiser
+    file, a training checkpoint (``which`` = "ema" or "model" picks the weights), or with
+    ``trust_pickle=True`` a pickle holding an EDM-style network (see :func:`load_pickle`).
+    """
+    path = resolve_denoiser_path(os.fspath(path))
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        return load_pickle(path, trust_pickle=trust_pickle, device=device)
+    tensors, meta = read(path)
+    if "model" not in meta:
+        raise ValueError(f"checkpoint: {path!r} has no model config")
+    model = build_denoiser(meta["model"])
+    if meta.get("kind") == "training":
+        names = meta.get("modules", ["model", "ema"])
+        if which not in names:
+            raise ValueError(f"{path!r} holds the weights {names}; {which!r} is not one of them")
+        state = _unflat(which, tensors)
+    else:
+        state = _unflat("net", tensors)
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False), meta
+
+
+# --------------------------------------------------------------------------------------
+# training checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def optimizer_tensors(optimizer):
+    """Optimizer state as flat tensors + a JSON part (param_groups without params)."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    scalars = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{pid}/{k}"] = v.detach().to("cpu").contiguous().clone()
+            else:
+                scalars[f"{pid}/{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer(optimizer, tensors, meta, device, prefix="optim/"):
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith(prefix):
+            pid, name = k[len(prefix):].split("/", 1)
+            state.setdefault(int(pid), {})[name] = v.to(device) if name != "step" else v
+    for k, v in meta.get("scalars", {}).items():
+        pid, name = k.split("/", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_state(path, *, modules, optimizers, generators, step, config, model_cfg=None, extra=None):
+    """Write a training checkpoint of any loop: ``modules`` name -> nn.Module (e.g.
+    {"model": ..., "ema": ...} or {"generator": ..., "generator_ema": ..., "fake": ...}),
+    ``optimizers`` name -> torch.optim.Optimizer, ``generators`` name -> torch.Generator.
+    ``model_cfg`` (default ``config["model"]``) lets :func:`load_denoiser` rebuild the nets."""
+    tensors, opt_meta = {}, {}
+    for name, module in modules.items():
+        tensors.update(_flat(name, module.state_dict()))
+    for name, opt in optimizers.items():
+        t, m = optimizer_tensors(opt)
+        tensors.update({f"{name}/{k}": v for k, v in t.items()})
+        opt_meta[name] = m
+    for name, g in generators.items():
+        tensors[f"rng/{name}"] = g.get_state().to("cpu").clone()
+    meta = dict(kind="training", step=int(step), config=config,
+                model=model_cfg if model_cfg is not None else config.get("model"),
+                modules=sorted(modules), optimizers=opt_meta, **(extra or {}))
+    return _atomic_save(tensors, meta, path)
+
+
+def load_state(path, *, modules, optimizers, generators, device):
+    """Restore what :func:`save_state` wrote, in place; returns the metadata (``["step"]``)."""
+    tensors, meta = read(path)
+    if meta.get("kind") != "training":
+        raise ValueError(f"--resume: {path!r} is not a training checkpoint (kind {meta.get('kind')!r})")
+    for name, module in modules.items():
+        state = _unflat(name, tensors, device)
+        if not state:
+            raise ValueError(f"--resume: {path!r} has no weights for {name!r} (it holds {meta.get('modules')})")
+        module.load_state_dict(state)
+    for name, opt in optimizers.items():
+        if name not in meta.get("optimizers", {}):
+            raise ValueError(f"--resume: {path!r} has no optimizer state {name!r}")
+        load_optimizer(opt, _unflat(name, tensors), meta["optimizers"][name], device, prefix="optim/")
+    for name, g in generators.items():
+        key = f"rng/{name}"
+        if key not in tensors:
+            raise ValueError(f"--resume: {path!r} lacks the random state {name!r}")
+        g.set_state(tensors[key])
+    return meta
+
+
+def save_training(path, *, model, ema, optimizer, generators, step, config, extra=None):
+    """The teacher's checkpoint: online weights ``model/``, EMA ``ema/``, Adam ``opt/``."""
+    return save_state(path, modules={"model": model, "ema": ema}, optimizers={"opt": optimizer},
+                      generators=generators, step=step, config=config, extra=extra)
+
+
+def load_training(path, *, model, ema, optimizer, generators, device):
+    """Restore a teacher checkpoint in place; returns its metadata (``meta["step"]``)."""
+    return load_state(path, modules={"model": model, "ema": ema}, optimizers={"opt": optimizer},
+                      generators=generators, device=device)
+
+
+# --------------------------------------------------------------------------------------
+# pickles (opt-in)
+# --------------------------------------------------------------------------------------
+
+
+class ExternalDenoiser(torch.nn.Module):
+    """Adapts a network with EDM's signature ``net(x, sigma, class_labels=None)`` (EDM,
+    PFGM++ snapshots) to ``forward(x, sigma) -> x0`` in x's dtype."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, sigma):
+        if not isinstance(sigma, torch.Tensor):
+            sigma = torch.full((x.shape[0],), float(sigma), device=x.device)
+        return self.net(x.float(), sigma.float().reshape(-1)).to(x.dtype)
+
+
+def load_pickle(path, *, trust_pickle=False, device="cpu"):
+    """Load a network from a pickle (an EDM/PFGM++ ``.pkl`` dict with an ``ema`` entry, or
+    a pickled ``nn.Module`` in ``.pt``/``.pth``). **Unpickling executes code from the
+    file**: refused unless ``trust_pickle=True``. The classes the pickle names (e.g. EDM's
+    ``torch_utils`` and ``dnnlib``) must be importable."""
+    if not trust_pickle:
+        raise PickleRefused(
+            f"{path!r} is a pickle: loading it can execute arbitrary code from the file. Pass --trust-pickle "
+            f"(trust_pickle=True) only if you trust its source, or convert it to a safetensors denoiser file.")
+    if path.lower().endswith((".pt", ".pth")):
+        obj = torch.load(path, map_location=device, weights_only=False)
+    else:
+        with open(path, "rb") as f:
+            obj = pickle.load(f)  # noqa: S301 - explicitly trusted by the caller
+    if isinstance(obj, dict):
+        for key in ("ema", "net", "model"):
+            if isinstance(obj.get(key), torch.nn.Module):
+                obj = obj[key]
+                break
+    if not isinstance(obj, torch.nn.Module):
+        raise ValueError(f"{path!r}: expected an nn.Module or a dict with an 'ema' module, got {type(obj).__name__}")
+    model = ExternalDenoiser(obj).to(device).eval().requires_grad_(False)
+    return model, {"kind": "pickle", "source": os.path.abspath(path)}
