@@ -3,6 +3,7 @@
     import ipfm_fast as ipf
     y = ipf.perturb(x, sigma, D)                 # PFGM++ perturbation kernel
     z = ipf.sample_prior((B, C, H, W), 80.0, D)  # prior at sigma_max
+    t = ipf.field_target(y, sigma, x_ref, D)     # reference-batch posterior mean (PFGM++ / STF target)
     loss_g = ipf.ipfm_generator_loss(teacher_out, fake_out, x)   # generator (SiD/IPFM) loss
     loss_f = ipf.ipfm_fake_loss(fake_out, x.detach(), sigma)     # fake-network loss
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 from ipfm_fast import reference  # noqa: E402
 from ipfm_fast.backends import BACKENDS, BackendUnavailable  # noqa: E402
+from ipfm_fast.ops.field_target import field_target  # noqa: E402
 from ipfm_fast.ops.losses import ipfm_fake_loss, ipfm_generator_loss  # noqa: E402
 from ipfm_fast.ops.perturb import perturb, sample_prior  # noqa: E402
 from ipfm_fast.reference import r_to_sigma, sigma_to_r  # noqa: E402
@@ -21,6 +23,7 @@ from ipfm_fast.reference import r_to_sigma, sigma_to_r  # noqa: E402
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "field_target",
     "ipfm_fake_loss",
     "ipfm_generator_loss",
     "perturb",

@@ -194,10 +194,14 @@ def field_target(y, sigma, x_ref, D, *, return_logz=False):
     check_rows(y, "y", op)
     check_rows(x_ref, "x_ref", op)
     D = check_D(D, op)
-    rows, n = y.shape[0], y[0].numel()
+    if tuple(x_ref.shape[1:]) != tuple(y.shape[1:]):
+        raise ValueError(f"{op}: x_ref must have y's trailing shape {tuple(y.shape[1:])}, got {tuple(x_ref.shape)}")
+    if x_ref.shape[0] == 0:
+        raise ValueError(f"{op}: x_ref must have at least one row (M >= 1)")
+    rows, n = y.shape[0], math.prod(y.shape[1:])
     sig = _row_sigma(sigma, rows, y.device, torch.float64, op)
-    yf = y.reshape(rows, -1).double()
-    xf = x_ref.reshape(x_ref.shape[0], -1).double()
+    yf = y.reshape(rows, n).double()
+    xf = x_ref.reshape(x_ref.shape[0], n).double()
     d2 = torch.cdist(yf, xf, compute_mode="donot_use_mm_for_euclid_dist").square()
     if math.isinf(D):
         logits = -d2 / (2 * sig.square()[:, None])
@@ -206,6 +210,47 @@ def field_target(y, sigma, x_ref, D, *, return_logz=False):
     logz = torch.logsumexp(logits, dim=1)
     target = (torch.softmax(logits, dim=1) @ xf).reshape(y.shape).to(y.dtype)
     return (target, logz) if return_logz else target
+
+
+def field_target_pfgmpp_style(y, sigma, x_ref, D, *, chunk_bytes=2**28):
+    r"""The field target as the public reference codes compute it (benchmark baseline):
+    PFGM++ ``pfgmpp_target`` (finite D) and STF ``stf_scores`` (D = inf) in float64.
+
+    Finite D: augment rows with the radius, :math:`\tilde y_i = (y_i, r_i)`,
+    :math:`\tilde x_j = (x_j, 0)`, take :math:`d_{ij} = \lVert \tilde y_i - \tilde x_j\rVert`
+    from explicit broadcast differences, weights :math:`(\min_l d_{il} / (d_{ij} + 10^{-7}))^{N+D}`
+    normalised with :math:`+10^{-7}` in the denominator. D = inf: :math:`-d_{ij}^2 / (2\sigma_i^2)`,
+    max-subtracted softmax. The originals materialize [B, M, N] broadcasts; here they run
+    over blocks of rows of at most ``chunk_bytes`` each (same arithmetic, bounded memory).
+    """
+    op = "reference.field_target_pfgmpp_style"
+    check_rows(y, "y", op)
+    D = check_D(D, op)
+    rows, n, m = y.shape[0], y[0].numel(), x_ref.shape[0]
+    sig = _row_sigma(sigma, rows, y.device, torch.float64, op)
+    yf = y.reshape(rows, -1).double()
+    xf = x_ref.reshape(m, -1).double()
+    finite = not math.isinf(D)
+    if finite:
+        yf = torch.cat([yf, (sig * math.sqrt(D))[:, None]], dim=1)
+        xf = torch.cat([xf, xf.new_zeros(m, 1)], dim=1)
+    step = max(1, chunk_bytes // max(1, m * xf.shape[1] * 8))
+    out = []
+    for i0 in range(0, rows, step):
+        d2 = ((yf[i0:i0 + step, None, :] - xf[None]) ** 2).sum(-1)
+        if finite:
+            dist = d2.sqrt()
+            ratio = (dist.min(dim=1, keepdim=True)[0] / (dist + 1e-7)) ** (n + D)
+            coeff = ratio / (ratio.sum(dim=1, keepdim=True) + 1e-7)
+        else:
+            logits = -d2 / (2 * sig[i0:i0 + step, None] ** 2)
+            e = torch.exp(logits - logits.max(dim=1, keepdim=True)[0])
+            coeff = e / e.sum(dim=1, keepdim=True)
+        out.append(coeff @ xf)
+    target = torch.cat(out)
+    if finite:
+        target = target[:, :-1]
+    return target.reshape(y.shape).to(y.dtype)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,374 @@
+"""field_target: accuracy against the float64 reference (and what plain fp32 eager gets),
+gradients, layouts, bad input, torch.library / torch.compile, Triton compilation for sm_90.
+
+Error metric everywhere: max over rows of ||t_i - t64_i|| / ||t64_i||, t64 the float64
+reference on the same (rounded) inputs. Inputs are built so that the posterior really mixes:
+reference rows are clusters with a spread ~ sigma / sqrt(N) (logit gaps O(1)), and y is a
+PFGM++ perturbation of one of them.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ipfm_fast as ipf
+import ipfm_fast.ops.field_target as ft
+from ipfm_fast import backends
+from ipfm_fast import reference as ref
+
+SIGMAS = (0.002, 0.05, 1.0, 10.0, 80.0)
+DS = (1.0, 128.0, 2048.0, math.inf)
+
+
+def make_case(rows, m, n, sigma, D, spread=1.0, seed=0, mean=0.0, dtype=torch.float32):
+    """x_ref: 4 clusters with per-row offsets of size spread * sigma (logit gaps ~ spread^2);
+    y: the perturbation of random reference rows at level sigma."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(4, n, generator=g) + mean
+    x = centers[torch.randint(0, 4, (m,), generator=g)] + spread / math.sqrt(n) * sigma * torch.randn(m, n, generator=g)
+    src = torch.randint(0, m, (rows,), generator=g)
+    y = ref.perturb(x[src], sigma, D, generator=g)
+    return y.to(dtype), x.to(dtype)
+
+
+def rel_err(t, t64):
+    a = t.double().reshape(t.shape[0], -1)
+    b = t64.double().reshape(t64.shape[0], -1)
+    return ((a - b).norm(dim=1) / b.norm(dim=1)).max().item()
+
+
+def effective_count(y, sigma, x, D):
+    """1 / sum_j w_ij^2 (median over rows): how many reference rows share the weight."""
+    y64, x64 = y.reshape(y.shape[0], -1).double(), x.reshape(x.shape[0], -1).double()
+    d2 = torch.cdist(y64, x64, compute_mode="donot_use_mm_for_euclid_dist").square()
+    n = y64.shape[1]
+    s = -d2 / (2 * sigma**2) if math.isinf(D) else -0.5 * (n + D) * torch.log(d2 + D * sigma**2)
+    w = torch.softmax(s, 1)
+    return (1 / w.square().sum(1)).median().item()
+
+
+def check_case(backend, rows, m, n, sigma, D, spread, bound=1e-4, **kw):
+    y, x = make_case(rows, m, n, sigma, D, spread, **kw)
+    t64, logz64 = ref.field_target(y.double(), sigma, x.double(), D, return_logz=True)
+    t, logz = ipf.field_target(y, sigma, x, D, backend=backend, return_logz=True)
+    assert t.shape == y.shape and t.dtype == y.dtype
+    assert logz.dtype == torch.float32 and logz.shape == (rows,)
+    err = rel_err(t, t64)
+    err_eager = rel_err(ft.field_target_eager(y, sigma, x, D), t64)
+    print(f"\n{backend} B={rows} M={m} N={n} D={D} sigma={sigma} spread={spread}: "
+          f"fused {err:.1e}, fp32 eager {err_eager:.1e}, eff {effective_count(y, sigma, x, D):.1f}")
+    assert err <= bound, (err, err_eager)
+    torch.testing.assert_close(logz.double(), logz64, rtol=1e-6, atol=1e-4)
+    return err, err_eager
+
+
+# --------------------------------------------------------------------------------------
+# accuracy
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("D", DS)
+@pytest.mark.parametrize("sigma", SIGMAS)
+@pytest.mark.parametrize("spread", [1.0, 3.0])
+def test_accuracy_cpu(D, sigma, spread):
+    if backends.why_not("cpu", "cpu", torch.float32):
+        pytest.skip("cpu backend not built")
+    check_case("cpu", 8, 256, 3072, sigma, D, spread)
+
+
+@pytest.mark.parametrize("shape", [(4, 4096, 3072), (2, 1024, 12288), (3, 1, 2), (5, 7, 2), (1, 300, 1)])
+@pytest.mark.parametrize("D", [1.0, math.inf])
+def test_accuracy_cpu_shapes(shape, D):
+    if backends.why_not("cpu", "cpu", torch.float32):
+        pytest.skip("cpu backend not built")
+    rows, m, n = shape
+    for sigma in (0.002, 1.0, 80.0):
+        check_case("cpu", rows, m, n, sigma, D, 1.0, mean=2.0)
+
+
+@pytest.mark.parametrize("D", DS)
+def test_accuracy_device_backends(device_backend, D):
+    """Every fused backend of this environment (Triton in the interpreter on CPU: tiny grids)."""
+    device, backend = device_backend
+    big = device == "cuda"
+    rows, m, n = (64, 1024, 3072) if big else (3, 40, 67)
+    for sigma in ((0.002, 0.05, 1.0, 10.0, 80.0) if big else (0.002, 1.0, 80.0)):
+        y, x = make_case(rows, m, n, sigma, D, 1.0, seed=1)
+        t64 = ref.field_target(y.double(), sigma, x.double(), D)
+        t = ipf.field_target(y.to(device), sigma, x.to(device), D, backend=backend).cpu()
+        assert rel_err(t, t64) <= 1e-4, (backend, sigma, rel_err(t, t64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(device_backend, dtype):
+    device, backend = device_backend
+    for D, sigma in ((128.0, 0.05), (math.inf, 1.0), (2048.0, 80.0)):
+        y, x = make_case(3, 33, 50, sigma, D, 1.0, dtype=dtype)
+        t = ipf.field_target(y.to(device), sigma, x.to(device), D, backend=backend)
+        assert t.dtype == dtype
+        t64 = ref.field_target(y.double(), sigma, x.double(), D)
+        assert rel_err(t.cpu(), t64) <= 1e-2
+
+
+def test_reference_row_equals_y(device_backend):
+    """y_0 is exactly x_3: d2 = 0 (q = D sigma^2, or a zero logit for D = inf)."""
+    device, backend = device_backend
+    for D in DS:
+        for sigma in (0.002, 1.0):
+            y, x = make_case(4, 25, 31, sigma, D, 1.0, seed=3)
+            y[0] = x[3]
+            t64 = ref.field_target(y.double(), sigma, x.double(), D)
+            t = ipf.field_target(y.to(device), sigma, x.to(device), D, backend=backend).cpu()
+            assert rel_err(t, t64) <= 1e-4
+            assert torch.isfinite(t).all()
+
+
+def test_refinement_paths():
+    """Refining every candidate (tol 0) and none (tol inf) both stay correct where they should."""
+    if backends.why_not("cpu", "cpu", torch.float32):
+        pytest.skip("cpu backend not built")
+    old = ft.REFINE_TOL
+    try:
+        for tol, sigmas, bound in ((0.0, SIGMAS, 1e-6), (math.inf, (10.0, 80.0), 1e-5)):
+            ft.REFINE_TOL = tol
+            for sigma in sigmas:
+                y, x = make_case(6, 128, 500, sigma, 128.0, 1.0)
+                t64 = ref.field_target(y.double(), sigma, x.double(), 128.0)
+                assert rel_err(ipf.field_target(y, sigma, x, 128.0, backend="cpu"), t64) <= bound
+    finally:
+        ft.REFINE_TOL = old
+
+
+def test_sigma_per_row_and_logz(device_backend):
+    device, backend = device_backend
+    y, x = make_case(5, 30, 40, 1.0, 128.0, 1.0)
+    sigma = torch.tensor([0.002, 0.1, 1.0, 7.0, 80.0])
+    t64, lz64 = ref.field_target(y.double(), sigma.double(), x.double(), 128.0, return_logz=True)
+    t, lz = ipf.field_target(y.to(device), sigma.to(device), x.to(device), 128.0, backend=backend, return_logz=True)
+    assert rel_err(t.cpu(), t64) <= 1e-4
+    torch.testing.assert_close(lz.cpu().double(), lz64, rtol=1e-6, atol=1e-4)
+
+
+def test_odd_and_noncontiguous_layouts(device_backend):
+    device, backend = device_backend
+    g = torch.Generator().manual_seed(5)
+    base_y = torch.randn(4, 3, 7, 10, generator=g)
+    x = torch.randn(13, 3, 7, 5, generator=g).to(memory_format=torch.channels_last)
+    y = base_y[..., ::2]  # sliced: last stride 2
+    y = y + 0.01 * torch.randn(y.shape, generator=g)
+    y[1] = x[2]
+    for D in (1.0, math.inf):
+        t64 = ref.field_target(y.double(), 0.05, x.double(), D)
+        t = ipf.field_target(y.to(device), 0.05, x.to(device), D, backend=backend)
+        assert t.shape == y.shape
+        assert rel_err(t.cpu(), t64) <= 1e-4
+
+
+def test_deterministic(device_backend):
+    device, backend = device_backend
+    y, x = make_case(4, 50, 64, 0.5, 128.0, 1.0)
+    a = ipf.field_target(y.to(device), 0.5, x.to(device), 128.0, backend=backend)
+    b = ipf.field_target(y.to(device), 0.5, x.to(device), 128.0, backend=backend)
+    assert torch.equal(a, b)
+
+
+def test_auto_and_reference_backends():
+    y, x = make_case(3, 20, 30, 1.0, 128.0, 1.0)
+    t64 = ref.field_target(y.double(), 1.0, x.double(), 128.0)
+    t = ipf.field_target(y, 1.0, x, 128.0)  # auto: cpu when built, else reference
+    assert rel_err(t, t64) <= 1e-4
+    r = ipf.field_target(y.double(), 1.0, x.double(), 128.0)  # float64: the reference
+    assert r.dtype == torch.float64
+    torch.testing.assert_close(r, t64)
+    with pytest.raises(backends.BackendUnavailable, match="float64"):
+        ipf.field_target(y.double(), 1.0, x.double(), 128.0, backend="cpu")
+
+
+# --------------------------------------------------------------------------------------
+# gradients
+# --------------------------------------------------------------------------------------
+
+
+def test_reference_gradcheck():
+    g = torch.Generator().manual_seed(7)
+    for D in (2.0, math.inf):
+        y = torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+        x = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+        s = torch.tensor([0.7, 1.0, 1.5], dtype=torch.float64, requires_grad=True)
+        torch.autograd.gradcheck(lambda a, b, c: ref.field_target(a, c, b, D, return_logz=True), (y, x, s))
+
+
+@pytest.mark.parametrize("D", [1.0, 128.0, math.inf])
+def test_gradients_match_reference(device_backend, D):
+    device, backend = device_backend
+    for sigma_v in (0.05, 1.0, 20.0):
+        y, x = make_case(4, 24, 30, sigma_v, D, 1.0, seed=11)
+        sigma = torch.full((4,), sigma_v)
+        g = torch.Generator().manual_seed(12)
+        gt, gz = torch.randn(y.shape, generator=g), torch.randn(4, generator=g)
+        leaves64 = [t.double().requires_grad_() for t in (y, x, sigma)]
+        t64, lz64 = ref.field_target(leaves64[0], leaves64[2], leaves64[1], D, return_logz=True)
+        grads64 = torch.autograd.grad((t64 * gt.double()).sum() + (lz64 * gz.double()).sum(), leaves64)
+        leaves = [t.to(device).requires_grad_() for t in (y, x, sigma)]
+        t, lz = ipf.field_target(leaves[0], leaves[2], leaves[1], D, backend=backend, return_logz=True)
+        grads = torch.autograd.grad((t * gt.to(device)).sum() + (lz * gz.to(device)).sum(), leaves)
+        for name, a, b in zip(("y", "x_ref", "sigma"), grads, grads64):
+            err = ((a.cpu().double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+            assert err <= 2e-3, (name, sigma_v, err)
+
+
+def test_gradient_only_target(device_backend):
+    device, backend = device_backend
+    y, x = make_case(3, 10, 12, 0.5, 128.0, 1.0)
+    yr, xr = y.clone().requires_grad_(), x.clone().requires_grad_()
+    ipf.field_target(yr.to(device), 0.5, xr.to(device), 128.0, backend=backend).sum().backward()
+    y64, x64 = y.double().requires_grad_(), x.double().requires_grad_()
+    ref.field_target(y64, 0.5, x64, 128.0).sum().backward()
+    torch.testing.assert_close(yr.grad.double(), y64.grad, rtol=2e-3, atol=1e-5)
+    torch.testing.assert_close(xr.grad.double(), x64.grad, rtol=2e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu", "triton"])
+def test_bad_input(backend):
+    if backend != "auto" and backends.why_not(backend, "cpu", torch.float32):
+        pytest.skip(backends.why_not(backend, "cpu", torch.float32))
+    y, x = make_case(3, 6, 8, 1.0, 128.0, 1.0)
+    with pytest.raises(ValueError, match="x_ref must have y's trailing shape"):
+        ipf.field_target(y, 1.0, x[:, :7], 128.0, backend=backend)
+    with pytest.raises(ValueError, match="x_ref must have at least one row"):
+        ipf.field_target(y, 1.0, x[:0], 128.0, backend=backend)
+    with pytest.raises(ValueError, match="D must be > 0"):
+        ipf.field_target(y, 1.0, x, 0.0, backend=backend)
+    with pytest.raises(ValueError, match="D must be > 0"):
+        ipf.field_target(y, 1.0, x, -3.0, backend=backend)
+    with pytest.raises(ValueError, match="sigma must be positive"):
+        ipf.field_target(y, 0.0, x, 1.0, backend=backend)
+    with pytest.raises(ValueError, match="sigma must be positive"):
+        ipf.field_target(y, torch.tensor([1.0, float("nan"), 1.0]), x, 1.0, backend=backend)
+    for bad in (float("nan"), float("inf")):
+        yb = y.clone()
+        yb[1, 2] = bad
+        with pytest.raises(ValueError, match=r"y must be finite \(row 1"):
+            ipf.field_target(yb, 1.0, x, 128.0, backend=backend)
+        xb = x.clone()
+        xb[4, 0] = bad
+        with pytest.raises(ValueError, match=r"x_ref must be finite \(row 4"):
+            ipf.field_target(y, 1.0, xb, math.inf, backend=backend)
+    empty = ipf.field_target(y[:0], 1.0, x, 128.0, backend=backend, return_logz=True)
+    assert empty[0].shape == (0, 8) and empty[1].shape == (0,)
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        ipf.field_target(y.numpy(), 1.0, x, 1.0, backend=backend)
+
+
+# --------------------------------------------------------------------------------------
+# torch.library / torch.compile
+# --------------------------------------------------------------------------------------
+
+
+def test_opcheck(device_backend):
+    device, backend = device_backend
+    y, x = make_case(3, 7, 9, 0.5, 128.0, 1.0)
+    y, x = y.to(device), x.to(device)
+    sigma = torch.full((3,), 0.5, device=device)
+    tol = ft.REFINE_TOL
+    for args in ((y, sigma, 0.0, x, 128.0, tol, backend), (y, None, 0.5, x, math.inf, tol, backend)):
+        torch.library.opcheck(ft._field_op, args)
+        torch.library.opcheck(ft._field_op, tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i in (0, 3)
+                                                  else a for i, a in enumerate(args)),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph():
+    if backends.why_not("cpu", "cpu", torch.float32):
+        pytest.skip("cpu backend not built")
+    torch._dynamo.reset()
+    y, x = make_case(4, 16, 20, 0.3, 128.0, 1.0)
+
+    def step(y, sigma, x):
+        t = ipf.field_target(y, sigma, x, 128.0, backend="cpu")
+        return ((y - t) ** 2).sum()
+
+    sigma = torch.full((4,), 0.3)
+    compiled = torch.compile(step, fullgraph=True)
+    yr = y.clone().requires_grad_()
+    out = compiled(yr, sigma, x)
+    out.backward()
+    y2 = y.clone().requires_grad_()
+    expect = step(y2, sigma, x)
+    expect.backward()
+    torch.testing.assert_close(out, expect)
+    torch.testing.assert_close(yr.grad, y2.grad)
+
+
+# --------------------------------------------------------------------------------------
+# builds
+# --------------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+from ipfm_fast.kernels import field_target as K
+
+P32, P64 = "*fp32", "*fp64"
+kernels = {
+    "_norms_kernel": ({"a_ptr": P32, "a_stride": "i64", "out_ptr": P64, "n": "i32", "BLOCK": "constexpr",
+                       "N_LOOP": "constexpr"}, {"BLOCK": 1024, "N_LOOP": 3072}),
+    "_screen_kernel": ({"y_ptr": P32, "y_stride": "i64", "x_ptr": P32, "x_stride": "i64", "s_ptr": P32, "rows": "i32",
+                        "m": "i32", "n": "i32", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr",
+                        "PREC": "constexpr", "N_LOOP": "constexpr"},
+                       {"BM": 64, "BN": 64, "BK": 32, "PREC": "tf32x3", "N_LOOP": 3072}),
+    "_finalize_kernel": ({"y_ptr": P32, "y_stride": "i64", "x_ptr": P32, "x_stride": "i64", "s_ptr": P32,
+                          "logz_ptr": P32, "ny_ptr": P64, "nx_ptr": P64, "sigma_ptr": P32, "m": "i32", "n": "i32",
+                          "D": "fp32", "coef_l": "fp32", "coef_stat_l": "fp32", "refine_tol": "fp32",
+                          "CUT": "constexpr",
+                          "FINITE_D": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                          "M_LOOP": "constexpr", "N_LOOP": "constexpr"},
+                         {"CUT": 40.0, "FINITE_D": "FINITE", "BLOCK_M": 32, "BLOCK_N": 128, "M_LOOP": 1024,
+                          "N_LOOP": 3072}),
+    "_combine_kernel": ({"w_ptr": P32, "x_ptr": P32, "x_stride": "i64", "out_ptr": P32, "out_stride": "i64",
+                         "rows": "i32", "m": "i32", "n": "i32", "BM": "constexpr", "BN": "constexpr",
+                         "BK": "constexpr", "PREC": "constexpr", "M_LOOP": "constexpr"},
+                        {"BM": 32, "BN": 128, "BK": 32, "PREC": "tf32x3", "M_LOOP": 1024}),
+}
+sizes = {}
+for finite in (True, False):
+    for name, (sig, consts) in kernels.items():
+        consts = {k: (finite if v == "FINITE" else v) for k, v in consts.items()}
+        fn = JITFunction(getattr(getattr(K, name), "fn", getattr(K, name)))
+        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32))
+        sizes[f"{name}/{finite}"] = len(compiled.asm["cubin"])
+print(json.dumps(sizes))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled and run for real on the GPU")
+def test_triton_kernels_compile_for_sm90():
+    if backends.triton_import_error():
+        pytest.skip(backends.triton_import_error())
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sizes = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(sizes) == 8 and all(v > 0 for v in sizes.values())
+
+
+def test_cuda_kernels_built_when_nvcc():
+    from ipfm_fast import _ext
+
+    if _ext._C is None or not _ext._C.has_cuda:
+        pytest.skip("extension built without CUDA")
+    assert hasattr(_ext._C, "field_target_cuda")
