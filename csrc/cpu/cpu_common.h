@@ -35,13 +35,14 @@ template <>
 inline float from_float<float>(float v) { return v; }
 template <>
 inline fp16 from_float<fp16>(float v) { return static_cast<fp16>(v); }
+// Round to nearest even, NaN kept quiet; branch-free so loops that store bf16 vectorize.
 template <>
 inline bf16 from_float<bf16>(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return bf16{static_cast<uint16_t>(u >> 16)};
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x40u;
+  return bf16{static_cast<uint16_t>(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded)};
 }
 
 // Calls f.template operator()<T>() with T the element type named by dtype.

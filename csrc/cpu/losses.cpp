@@ -24,19 +24,13 @@ constexpr int64_t kChunk = 4096;  // elements per work item (a multiple of kLane
 
 #define IPFM_INLINE inline __attribute__((always_inline))
 
-IPFM_INLINE float load(const float* p) { return *p; }
-IPFM_INLINE float load(const fp16* p) { return static_cast<float>(*p); }
-IPFM_INLINE float load(const bf16* p) { return to_float(*p); }
-
-IPFM_INLINE void store(float* p, float v) { *p = v; }
-IPFM_INLINE void store(fp16* p, float v) { *p = static_cast<fp16>(v); }
-// Round to nearest even, NaN kept quiet; branch-free so the loops vectorize.
-IPFM_INLINE void store(bf16* p, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t nan = (u >> 16) | 0x40u;
-  p->bits = static_cast<uint16_t>(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
+template <typename T>
+IPFM_INLINE float load(const T* p) {
+  return to_float(*p);
+}
+template <typename T>
+IPFM_INLINE void store(T* p, float v) {
+  *p = from_float<T>(v);
 }
 
 template <typename T>

@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "cuda_api.h"
+#include "cuda_common.cuh"
 #include "ipfm/losses_math.h"
 #include "losses_api.h"
 
@@ -28,27 +29,6 @@ constexpr int kVecsPerThread = 2;
 constexpr int64_t kChunk = int64_t{kThreads} * kVecsPerThread * 4;  // 2048 elements per block
 constexpr int kFinalThreads = 256;
 constexpr int kWarps = kThreads / 32;
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <typename T>
-struct Vec4 {
-  using type = typename std::conditional<sizeof(T) == 4, float4, uint2>::type;
-  union {
-    type v;
-    T e[4];
-  };
-};
 
 // Elements e0 .. e0 + 3 of a row (zeros past n).
 template <typename T, bool kAligned>

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "cuda_api.h"
+#include "cuda_common.cuh"
 #include "ipfm/perturb_math.h"
 
 namespace ipfm::cuda {
@@ -18,23 +19,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kGroupsPerThread = 2;  // two counters in flight per thread
 constexpr int64_t kElemsPerBlock = int64_t{kThreads} * kGroupsPerThread * 4;
-
-__device__ __forceinline__ float load_f(const float* p) { return __ldg(p); }
-__device__ __forceinline__ float load_f(const __half* p) { return __half2float(__ldg(p)); }
-__device__ __forceinline__ float load_f(const __nv_bfloat16* p) { return __bfloat162float(__ldg(p)); }
-__device__ __forceinline__ void store_f(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_f(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_f(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// Four consecutive elements as one vector access (16 bytes for fp32, 8 for 16-bit types).
-template <typename T>
-struct Vec4 {
-  using type = typename std::conditional<sizeof(T) == 4, float4, uint2>::type;
-  union {
-    type v;
-    T e[4];
-  };
-};
 
 template <typename T, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
@@ -67,22 +51,22 @@ perturb_kernel(const T* __restrict__ x, int64_t x_row_stride, T* __restrict__ y,
         Vec4<T> in;
         in.v = *reinterpret_cast<const typename Vec4<T>::type*>(xr + e0);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) store_f(&out.e[j], load_f(&in.e[j]) + factor * g[j]);
+        for (int j = 0; j < 4; ++j) out.e[j] = from_f<T>(to_f(in.e[j]) + factor * g[j]);
       } else {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) store_f(&out.e[j], factor * g[j]);
+        for (int j = 0; j < 4; ++j) out.e[j] = from_f<T>(factor * g[j]);
       }
       *reinterpret_cast<typename Vec4<T>::type*>(yr + e0) = out.v;
       if (nr) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) store_f(&nz.e[j], scale * g[j]);
+        for (int j = 0; j < 4; ++j) nz.e[j] = from_f<T>(scale * g[j]);
         *reinterpret_cast<typename Vec4<T>::type*>(nr + e0) = nz.v;
       }
     } else {
       for (int j = 0; j < 4 && e0 + j < n; ++j) {
-        const float base = xr ? load_f(xr + e0 + j) : 0.0f;
-        store_f(yr + e0 + j, base + factor * g[j]);
-        if (nr) store_f(nr + e0 + j, scale * g[j]);
+        const float base = xr ? to_f(xr[e0 + j]) : 0.0f;
+        yr[e0 + j] = from_f<T>(base + factor * g[j]);
+        if (nr) nr[e0 + j] = from_f<T>(scale * g[j]);
       }
     }
   }
