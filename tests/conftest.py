@@ -36,5 +36,14 @@ def device_backend(request):
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one CPU thread (tiny networks are faster so, and the machine is shared)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def ipf():
     return ipfm_fast

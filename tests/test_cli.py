@@ -36,12 +36,7 @@ def _seed_cache(folder, classifier):
     shutil.copy(classifier, folder)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is faster
 
 
 @pytest.mark.parametrize("name", [c[0] for c in COMMANDS])

@@ -7,13 +7,7 @@ from PIL import Image
 
 from ipfm_fast.data import DataError, load_dataset, load_images, save_grid
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one CPU thread is faster (and the machine is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is faster
 
 
 

@@ -10,13 +10,7 @@ from ipfm_fast.data import load_dataset
 from ipfm_fast.metrics import (Evaluator, frechet_distance, frechet_distance_features, gaussian_stats,
                                sliced_wasserstein, summarize, train_classifier)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one CPU thread is faster (and the machine is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is faster
 
 
 

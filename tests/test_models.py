@@ -7,13 +7,7 @@ import torch
 
 from ipfm_fast.models import (EDMPrecond, MLPNet, UNet, build_denoiser, count_params, describe, model_config)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one CPU thread is faster (and the machine is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is faster
 
 
 

@@ -9,12 +9,7 @@ from ipfm_fast.models import build_denoiser, model_config
 from ipfm_fast.sampling import heun_sample, nfe, sample, save_npz
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is faster
 
 
 class Const(torch.nn.Module):

@@ -8,10 +8,6 @@
 namespace ipfm::cuda {
 namespace {
 
-void check(int code, const char* op) {
-  if (code != 0) throw std::runtime_error(std::string(op) + ": CUDA error: " + error_string(code));
-}
-
 static Registrar registrar([](pybind11::module_& m) {
   namespace py = pybind11;
   m.def("cuda_device_count", &device_count, "devices visible to the extension's CUDA runtime");

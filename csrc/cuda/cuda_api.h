@@ -4,11 +4,18 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 namespace ipfm::cuda {
 
 const char* error_string(int code);
 int device_count();
+
+// For the bindings: a launcher's error code as a Python RuntimeError naming the op.
+inline void check(int code, const char* op) {
+  if (code != 0) throw std::runtime_error(std::string(op) + ": CUDA error: " + error_string(code));
+}
 
 int perturb(uintptr_t x, int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t noise,
             int64_t noise_row_stride, int dtype, int64_t rows, int64_t n, uintptr_t sigma, float sigma_scalar,

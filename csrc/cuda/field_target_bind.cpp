@@ -1,7 +1,4 @@
 // Python binding of the CUDA field-target launcher (host compiler; built only with CUDA).
-#include <stdexcept>
-#include <string>
-
 #include "cuda_api.h"
 #include "field_target_api.h"
 #include "ipfm/registry.h"
@@ -16,9 +13,9 @@ static Registrar registrar([](pybind11::module_& m) {
       [](uintptr_t y, int64_t ys, uintptr_t x, int64_t xs, uintptr_t out, int64_t os, uintptr_t logz, uintptr_t w,
          uintptr_t norms, int64_t rows, int64_t m, int64_t n, uintptr_t sigma, double sigma_scalar, double D,
          double refine_tol, int device, uintptr_t stream) {
-        const int code = field_target(y, ys, x, xs, out, os, logz, w, norms, rows, m, n, sigma, sigma_scalar, D,
-                                      refine_tol, device, stream);
-        if (code != 0) throw std::runtime_error(std::string("field_target_cuda: CUDA error: ") + error_string(code));
+        check(field_target(y, ys, x, xs, out, os, logz, w, norms, rows, m, n, sigma, sigma_scalar, D, refine_tol,
+                           device, stream),
+              "field_target_cuda");
       },
       py::arg("y"), py::arg("y_row_stride"), py::arg("x_ref"), py::arg("x_row_stride"), py::arg("out"),
       py::arg("out_row_stride"), py::arg("logz"), py::arg("weights"), py::arg("norms"), py::arg("rows"),

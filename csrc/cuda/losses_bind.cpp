@@ -9,10 +9,6 @@
 namespace ipfm::cuda {
 namespace {
 
-void check(int code, const char* op) {
-  if (code != 0) throw std::runtime_error(std::string(op) + ": CUDA error: " + error_string(code));
-}
-
 static Registrar registrar([](pybind11::module_& m) {
   namespace py = pybind11;
   m.def("gen_loss_workspace_cuda", &gen_loss_workspace, py::arg("rows"), py::arg("n"),
