@@ -28,6 +28,7 @@ import torch
 from ipfm_fast import checkpoint as ckpt
 from ipfm_fast.train import common
 
+GRID_UPSCALE = 4  # 10 x 10 grids of 8x8 images -> 364 x 364 pixels
 ARTIFACTS = ("metrics.json", "report.md", "data.png", "teacher.png", "initial_generator.png", "generator.png",
              "training_curve.png")
 
@@ -125,7 +126,8 @@ def plot_curve(path, curve, *, teacher_fd, initial_fd, baseline_fd, best_step=No
 
 
 def run_demo(out="runs/demo", *, seeds=5, distill_seconds=150.0, distill_steps=4000, device="auto", progress=None,
-             log=print, publish=None, teacher_dir=None, distill_overrides=None):
+             log=print, publish=None, teacher_dir=None, teacher_overrides=None, distill_overrides=None,
+             num_samples=None):
     """The main job; returns the metrics dict (also written to ``out``/metrics.json)."""
     from ipfm_fast.data import load_dataset, save_grid
     from ipfm_fast.metrics import Evaluator
@@ -140,15 +142,15 @@ def run_demo(out="runs/demo", *, seeds=5, distill_seconds=150.0, distill_steps=4
     teacher_dir = teacher_dir or os.path.join(out, "teacher")
     log("== 1/4 teacher (digits, D = 128) ==")
     teacher_path, reused, teacher_seconds = ensure_teacher(teacher_dir, D=128.0, device=device, progress=progress,
-                                                           log=log)
+                                                           log=log, **(teacher_overrides or {}))
     teacher, tmeta = ckpt.load_denoiser(teacher_path, device=dev)
     D = ckpt.decode_D(tmeta["D"])
     data = load_dataset(tmeta.get("data") or "digits")
     seed_list = list(range(seeds))
-    num = len(data.train)
+    num = num_samples or len(data.train)
     with common.num_threads(1 if dev.type == "cpu" else None):
         ev = Evaluator(data, teacher_dir, device=dev, log=log)
-        save_grid(data.test.floats()[:100], os.path.join(out, "data.png"), nrow=10)
+        save_grid(data.test.floats()[:100], os.path.join(out, "data.png"), nrow=10, upscale=GRID_UPSCALE)
 
         log(f"== 2/4 scoring the teacher at 35 NFE and the generator before distillation at 1 NFE "
             f"({seeds} seeds x {num} samples) ==")
@@ -162,10 +164,12 @@ def run_demo(out="runs/demo", *, seeds=5, distill_seconds=150.0, distill_steps=4
         teacher_eval_seconds = time.perf_counter() - t0
         if cached:
             log(f"teacher FD at 35 NFE (cached): {teacher_res['fd']['mean']:.3f} +- {teacher_res['fd']['std']:.3f}")
-        shutil.copy(os.path.join(teacher_dir, "samples_35nfe.png"), os.path.join(out, "teacher.png"))
+        # the grid: the first 100 samples of seed 0 (the generators' grids use the same seed)
+        save_grid(sample(teacher, 100, data.shape, D, seed=0, steps=18, device=dev), os.path.join(out, "teacher.png"),
+                  nrow=10, upscale=GRID_UPSCALE)
         initial_res = evaluate_generator(teacher, data, D, 2.5, teacher_dir, num=num, seeds=seed_list, device=dev,
                                          precision=precision, log=log, evaluator=ev,
-                                         grid=os.path.join(out, "initial_generator.png"))
+                                         grid=os.path.join(out, "initial_generator.png"), grid_upscale=GRID_UPSCALE)
 
     log("== 3/4 IPFM distillation ==")
     dist_dir = os.path.join(out, "distill")
@@ -180,7 +184,7 @@ def run_demo(out="runs/demo", *, seeds=5, distill_seconds=150.0, distill_steps=4
     with common.num_threads(1 if dev.type == "cpu" else None):
         gen_res = evaluate_generator(gen, data, D, sigma_init, teacher_dir, num=num, seeds=seed_list, device=dev,
                                      precision=precision, log=log, evaluator=ev,
-                                     grid=os.path.join(out, "generator.png"))
+                                     grid=os.path.join(out, "generator.png"), grid_upscale=GRID_UPSCALE)
         speed = {"generator": _sampling_speed(lambda n: generate(gen, n, data.shape, D, sigma_init, device=dev), num),
                  "teacher": _sampling_speed(lambda n: sample(teacher, n, data.shape, D, steps=18, device=dev), num)}
 
@@ -304,8 +308,9 @@ def run_study(out="runs/study", *, Ds=(128.0, math.inf), distill_steps=1000, dis
             ddir = os.path.join(out, f"distill-{name}-seed{seed}")
             if os.path.exists(ddir):
                 shutil.rmtree(ddir)
-            cfg = DistillConfig(teacher=tdir, out=ddir, steps=distill_steps, seed=seed, eval_every=eval_every,
-                                device=device, checkpoint_every=distill_steps, **(distill_overrides or {}))
+            kw = dict(dict(steps=distill_steps, seed=seed, eval_every=eval_every, device=device,
+                           checkpoint_every=distill_steps), **(distill_overrides or {}))
+            cfg = DistillConfig(teacher=tdir, out=ddir, **kw)
             s = distill(cfg, progress=progress, log=log)
             runs.append({"seed": seed, "curve": s["curve"], "seconds": s["train_seconds"],
                          "images_per_second": s["images_per_second"], "batch": cfg.batch})

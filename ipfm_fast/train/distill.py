@@ -400,7 +400,7 @@ class SelectionScorer:
 
 
 def evaluate_generator(model, data, D, sigma_init, cache_dir, *, num=None, seeds=(0, 1, 2, 3, 4), device="cpu",
-                       precision="fp32", log=print, grid=None, evaluator=None):
+                       precision="fp32", log=print, grid=None, evaluator=None, grid_upscale=None):
     """Score a one-step generator over several seeds against the test split (as
     :func:`ipfm_fast.train.teacher.evaluate_denoiser` does for the teacher at 35 NFE)."""
     from ipfm_fast.data import save_grid
@@ -416,7 +416,7 @@ def evaluate_generator(model, data, D, sigma_init, cache_dir, *, num=None, seeds
                      autocast=lambda: common.autocast(device, precision))
         per_seed.append(dict(seed=seed, **ev.score(x)))
         if grid and seed == seeds[0]:
-            save_grid(x[:100], grid, nrow=10)
+            save_grid(x[:100], grid, nrow=10, upscale=grid_upscale)
     res = {"fd": summarize([r["fd"] for r in per_seed]), "sw": summarize([r["sw"] for r in per_seed]),
            "nn_ratio": summarize([r["nn_ratio"] for r in per_seed]), "baseline_fd": ev.baseline["baseline_fd"],
            "baseline_sw": ev.baseline["baseline_sw"], "nfe": 1, "num_samples": num, "n_test": len(data.test),
