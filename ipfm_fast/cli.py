@@ -371,7 +371,8 @@ def add_distill(sub):
     r.add_argument("--log-every", type=_positive_int, default=d.log_every)
     r.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every,
                    help="iterations between 1-NFE scores of the EMA generator (keeps the best; 0: off)")
-    r.add_argument("--eval-samples", type=_positive_int, default=None, help="samples per score (default: train size)")
+    r.add_argument("--eval-samples", type=_positive_int, default=d.eval_samples,
+                   help="samples per periodic score (1 NFE: cheap; more samples = a less noisy choice of checkpoint)")
     r.add_argument("--final-eval-seeds", type=_nonneg_int, default=5,
                    help="score the kept generator against the test split over this many seeds at the end (0: skip)")
     _add_runtime(p)

@@ -220,3 +220,18 @@ def test_config_errors(teacher_dir, tmp_path):
         distill(DistillConfig(teacher=teacher_dir, out=str(tmp_path / "x"), **TINY), resume=True, log=_quiet)
     with pytest.raises(FileNotFoundError):
         distill(DistillConfig(teacher=str(tmp_path / "missing"), out=str(tmp_path), **TINY), log=_quiet)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_distill_resume_and_sampling(teacher_dir, tmp_path):
+    """On a GPU: bf16 autocast, fused Adam, the periodic evaluation, resume, 1-NFE sampling."""
+    kw = dict(teacher=teacher_dir, out=str(tmp_path), batch=16, eval_every=2, eval_samples=100, log_every=1,
+              checkpoint_every=2, device="cuda", precision="bf16")
+    s = distill(DistillConfig(steps=2, **kw), log=_quiet)
+    assert s["precision"] == "bf16" and s["device"].startswith("cuda")
+    s = distill(DistillConfig(steps=4, **kw), resume=True, log=_quiet)
+    assert s["steps"] == 4 and s["resumed_from"] == 2
+    model, D, sigma_init, _ = dl.load_generator(str(tmp_path), device="cuda")
+    x = dl.generate(model, 8, [1, 8, 8], D, sigma_init, device="cuda",
+                    autocast=lambda: common.autocast(torch.device("cuda"), "bf16"))
+    assert x.is_cuda and x.dtype == torch.float32 and torch.isfinite(x).all()

@@ -89,7 +89,7 @@ class DistillConfig:
     lr_fake: float | None = None  # default: lr
     beta2: float = 0.999
     eps: float = 1e-8
-    ema: float = 0.99
+    ema: float = 0.995  # with the EMA class's warm-up: beta = min(0.995, (1 + s) / (10 + s))
     grad_clip: float = 0.0  # 0: off
     t_max: float = 800.0
     p_mean: float = -1.2
@@ -101,7 +101,7 @@ class DistillConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     eval_every: int = 50  # iterations between 1-NFE scores of the EMA generator (0: off)
-    eval_samples: int | None = None  # None: the training split's size
+    eval_samples: int | None = 5000  # None: the training split's size
     eval_seed: int = 1000
     max_bad_steps: int = 10
     test_fraction: float = 0.1
