@@ -627,6 +627,11 @@ def _distill(cfg, *, resume, progress, log, teacher, teacher_meta, init, stack):
             return scorer.score(x)
 
     curve = []
+    if resume and main and os.path.exists(log_path):  # the curve so far, from the (truncated) log
+        import json
+
+        with open(log_path, encoding="utf-8") as f:
+            curve = [{k: r[k] for k in ("step", "fd_train", "fd_test")} for r in map(json.loads, f) if "fd_test" in r]
     if scorer is not None and start == 0:
         s0 = evaluate(0)
         curve.append(dict(step=0, **s0))
