@@ -60,4 +60,4 @@ def test_study_writes_table_and_plot(tmp_path):
     for name in ("study.json", "study.md", "study.png"):
         assert (tmp_path / name).exists()
     md = (tmp_path / "study.md").read_text()
-    assert "| 128.0 |" in md and "| inf |" in md
+    assert "| 128 |" in md and "| inf |" in md

@@ -375,7 +375,7 @@ def plot_study(path, res):
         steps, mean, std = _mean_curve(row["runs"])
         batch = row["runs"][0]["batch"]
         imgs = [s * batch / 1000 for s in steps]
-        label = f"D = {row['D']}" + (" (SiD)" if row["D"] == "inf" else "")
+        label = f"D = {_fmt_D(row['D'])}" + (" (SiD)" if row["D"] == "inf" else "")
         ax.plot(imgs, mean, "-", color=f"C{k}", label=f"{label}: generator, mean of {len(row['runs'])} seeds")
         ax.fill_between(imgs, mean - std, mean + std, color=f"C{k}", alpha=0.2)
         ax.axhline(row["teacher_fd"], color=f"C{k}", ls="--", lw=1, label=f"{label}: teacher at 35 NFE")
@@ -393,6 +393,10 @@ def plot_study(path, res):
     os.replace(tmp, path)
 
 
+def _fmt_D(D):
+    return D if isinstance(D, str) else f"{D:g}"
+
+
 def study_markdown(res):
     t = res["table"]
     marks = list(t[0]["fd_at_images"].keys())
@@ -402,7 +406,7 @@ def study_markdown(res):
     for r in t:
         cells = [f"{r['fd_at_images'][m]['mean']:.2f} ± {r['fd_at_images'][m]['std']:.2f}" for m in marks]
         reach = ", ".join("not reached" if v is None else f"{v // 1000}k" for v in r["images_to_1.5x_teacher"])
-        head.append(f"| {r['D']} | {r['teacher_fd']:.2f} | " + " | ".join(cells) + f" | {r['best_fd_mean']:.2f} | {reach} |")
+        head.append(f"| {_fmt_D(r['D'])} | {r['teacher_fd']:.2f} | " + " | ".join(cells) + f" | {r['best_fd_mean']:.2f} | {reach} |")
     return (f"# Finite D vs D = inf (SiD) on digits\n\n{res['date']}; {res['machine']}; whole study "
             f"{res['total_seconds']:.0f} s.\n\nEach D: a teacher with the default recipe (same budget), then "
             f"{len(res['distill_seeds'])} distillations (seeds {res['distill_seeds']}) of {res['distill_steps']} "
