@@ -10,7 +10,7 @@ FIND_LINKS := $(foreach d,/opt/wheels /opt/pypi/files,$(if $(wildcard $(d)),--fi
 PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS)
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: test bench install clean
+.PHONY: test bench install clean demo study
 
 $(VENV)/.stamp-deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ test: install
 
 bench: install
 	$(PY) -m pytest -q benchmarks
+
+# make demo  - the main job: digits teacher (cached) -> IPFM distillation -> scores, PNGs (~5 min on 2 CPU cores)
+demo: install
+	$(PY) -m ipfm_fast demo
+
+# make study - finite D vs D = inf (SiD) under equal budgets -> runs/study/
+study: install
+	$(PY) -m ipfm_fast study
 
 clean:
 	rm -rf build $(VENV) *.egg-info ipfm_fast/_C*.so

@@ -319,11 +319,166 @@ def cmd_evaluate(args):
     return 0
 
 
+# --------------------------------------------------------------------------------------
+# distill
+# --------------------------------------------------------------------------------------
+
+
+def add_distill(sub):
+    from ipfm_fast.train.distill import DistillConfig
+
+    d = DistillConfig()
+    p = sub.add_parser(
+        "distill", help="distil a teacher into a one-step generator with IPFM (D = inf: SiD)",
+        description="IPFM distillation: generator G(z) = D_theta(z, sigma_init) and fake network start from the "
+                    "teacher's EMA weights; each iteration makes --fake-steps fake updates (field-matching loss on "
+                    "perturbed generator samples) and one generator update (IPFM loss with alpha, teacher and fake "
+                    "frozen). Writes config.json, checkpoint.safetensors (resume state), generator.safetensors "
+                    "(the best EMA generator by 1-NFE FD against the training split), generator_last.safetensors, "
+                    "log.jsonl and summary.json into --out. Multi-process: torchrun --nproc_per_node=P -m ipfm_fast "
+                    "distill ... (DDP; gloo on CPU, nccl on CUDA); results do not depend on P for a fixed "
+                    "--micro-batch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default=d.teacher, help="teacher run folder or teacher.safetensors")
+    p.add_argument("--out", default=d.out, help="run folder")
+    p.add_argument("--D", type=parse_D, default=None, help="augmentation dimension (default: the teacher's; inf = SiD)")
+    p.add_argument("--data", default=None, help="data set for the periodic evaluation (default: the teacher's)")
+    m = p.add_argument_group("IPFM")
+    m.add_argument("--alpha", type=float, default=d.alpha, help="generator-loss alpha (1/2: plain IPFM; 1.2: SiD's)")
+    m.add_argument("--fake-steps", type=_positive_int, default=d.fake_steps, help="fake updates per iteration")
+    m.add_argument("--sigma-init", type=float, default=d.sigma_init, help="the generator's noise level and prior")
+    m.add_argument("--t-max", type=float, default=d.t_max, help="generator-step levels: t ~ U[0, t_max/1000]")
+    m.add_argument("--p-mean", type=float, default=d.p_mean, help="fake-step ln sigma mean")
+    m.add_argument("--p-std", type=float, default=d.p_std, help="fake-step ln sigma std")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=_positive_int, default=d.steps, help="iterations")
+    o.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
+    o.add_argument("--batch", type=_positive_int, default=d.batch, help="global batch (all processes)")
+    o.add_argument("--micro-batch", type=_positive_int, default=None,
+                   help="rows per micro-batch (gradient accumulation; default: batch / processes). Part of the "
+                        "recipe: runs with equal --micro-batch match whatever the number of processes")
+    o.add_argument("--lr", type=float, default=d.lr, help="generator Adam learning rate (betas 0, 0.999)")
+    o.add_argument("--lr-fake", type=float, default=None, help="fake-network learning rate (default: --lr)")
+    o.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the generator per iteration")
+    o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (0: off)")
+    o.add_argument("--seed", type=int, default=d.seed)
+    o.add_argument("--max-bad-steps", type=_positive_int, default=d.max_bad_steps,
+                   help="stop after this many iterations in a row with non-finite losses or gradients")
+    r = p.add_argument_group("checkpoints, logs and evaluation")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from --out/checkpoint.safetensors (bit-identical on CPU, any number of processes)")
+    r.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
+    r.add_argument("--log-every", type=_positive_int, default=d.log_every)
+    r.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every,
+                   help="iterations between 1-NFE scores of the EMA generator (keeps the best; 0: off)")
+    r.add_argument("--eval-samples", type=_positive_int, default=d.eval_samples,
+                   help="samples per periodic score (1 NFE: cheap; more samples = a less noisy choice of checkpoint)")
+    r.add_argument("--final-eval-seeds", type=_nonneg_int, default=5,
+                   help="score the kept generator against the test split over this many seeds at the end (0: skip)")
+    _add_runtime(p)
+
+
+def cmd_distill(args):
+    from ipfm_fast.train.distill import DistillConfig, distill, final_evaluation
+
+    cfg = DistillConfig(
+        teacher=args.teacher, out=args.out, D=args.D, data=args.data, alpha=args.alpha, fake_steps=args.fake_steps,
+        sigma_init=args.sigma_init, t_max=args.t_max, p_mean=args.p_mean, p_std=args.p_std, steps=args.steps,
+        time_budget=args.time_budget, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
+        lr_fake=args.lr_fake, ema=args.ema, grad_clip=args.grad_clip, seed=args.seed,
+        max_bad_steps=args.max_bad_steps, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        eval_every=args.eval_every, eval_samples=args.eval_samples, device=args.device, precision=args.precision,
+        threads=args.threads)
+    summary = distill(cfg, resume=args.resume, progress=args.progress, log=_log)
+    if summary is None:  # not rank 0
+        return 0
+    if args.final_eval_seeds and not summary.get("stopped") in ("SIGTERM", "SIGINT"):
+        final_evaluation(args.out, seeds=args.final_eval_seeds, device=args.device, log=_log)
+    print(f"summary: {os.path.join(args.out, 'summary.json')}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# demo and study
+# --------------------------------------------------------------------------------------
+
+
+def add_demo(sub):
+    p = sub.add_parser(
+        "demo", help="the main job: teacher (cached) -> IPFM distillation -> 1-NFE generator, scored (~5 min on CPU)",
+        description="Train (or reuse the cached) digits teacher at D = 128, score it at 35 NFE, distil it with IPFM "
+                    "into a one-step generator, score the generator before and after at 1 NFE over several seeds "
+                    "against the test split, and write metrics.json, report.md, sample grids and the training "
+                    "curve into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="output folder (the teacher is cached in OUT/teacher)")
+    p.add_argument("--teacher-dir", default=None, help="where the teacher is trained/reused (default: OUT/teacher)")
+    p.add_argument("--seeds", type=_positive_int, default=5, help="sampling seeds per score")
+    p.add_argument("--distill-steps", type=_positive_int, default=1500,
+                   help="distillation iterations (fixed, so the numbers are reproducible)")
+    p.add_argument("--distill-seconds", type=float, default=360.0,
+                   help="safety cap on the distillation time (keeps a heavily loaded machine under 10 minutes)")
+    p.add_argument("--publish", default=None,
+                   help="also copy metrics.json, report.md and the PNGs to this folder (e.g. docs/demo)")
+    _add_runtime(p)
+
+
+def cmd_demo(args):
+    from ipfm_fast.train.demo import run_demo
+
+    if args.threads != "auto":
+        raise ValueError("demo: --threads is chosen per step (1 thread for the small digits networks)")
+    m = run_demo(args.out, seeds=args.seeds, distill_seconds=args.distill_seconds, distill_steps=args.distill_steps,
+                 device=args.device, progress=args.progress, log=_log, publish=args.publish,
+                 teacher_dir=args.teacher_dir)
+    print(f"targets (generator FD <= 1.5 x teacher FD and <= 0.5 x initial FD): "
+          f"{'met' if m['targets_met'] else 'NOT met'}")
+    print(f"metrics: {os.path.join(args.out, 'metrics.json')}; report: {os.path.join(args.out, 'report.md')}")
+    return 0
+
+
+def add_study(sub):
+    p = sub.add_parser(
+        "study", help="finite D vs D = inf (SiD): teachers and distillations under equal budgets (~12 min on CPU)",
+        description="For each D: a digits teacher with the default recipe, then distillations with the default "
+                    "recipe for the same number of iterations and several seeds; the EMA generator's 1-NFE FD "
+                    "against the test split every --eval-every iterations, against generator images seen. Writes "
+                    "study.json, study.md and study.png into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--D", dest="Ds", type=parse_D, nargs="+", default=[128.0, math.inf], help="values of D to compare")
+    p.add_argument("--distill-steps", type=_positive_int, default=800, help="iterations per distillation")
+    p.add_argument("--distill-seeds", type=_positive_int, default=3, help="distillations per D (seeds 0..N-1)")
+    p.add_argument("--teacher-seeds", type=_positive_int, default=3, help="sampling seeds of the teachers' 35-NFE FD")
+    p.add_argument("--eval-every", type=_positive_int, default=40, help="iterations between scores of each run")
+    p.add_argument("--publish", default=None, help="also copy study.json, study.md and study.png to this folder")
+    _add_runtime(p)
+
+
+def cmd_study(args):
+    import shutil
+
+    from ipfm_fast.train.demo import run_study
+
+    run_study(args.out, Ds=args.Ds, distill_steps=args.distill_steps, distill_seeds=list(range(args.distill_seeds)),
+              eval_every=args.eval_every, teacher_seeds=args.teacher_seeds, device=args.device,
+              progress=args.progress, log=_log)
+    if args.publish:
+        os.makedirs(args.publish, exist_ok=True)
+        for name in ("study.json", "study.md", "study.png"):
+            shutil.copy(os.path.join(args.out, name), os.path.join(args.publish, name))
+    print(f"study: {os.path.join(args.out, 'study.md')}")
+    return 0
+
+
 COMMANDS = [
     ("info", add_info, cmd_info),
     ("train-teacher", add_train_teacher, cmd_train_teacher),
     ("sample", add_sample, cmd_sample),
     ("evaluate", add_evaluate, cmd_evaluate),
+    ("distill", add_distill, cmd_distill),
+    ("demo", add_demo, cmd_demo),
+    ("study", add_study, cmd_study),
 ]
 
 

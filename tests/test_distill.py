@@ -1,0 +1,236 @@
+"""IPFM distillation loop: SiD's gradient at D = inf, bit-identical resume, NaN handling,
+signals, the CLI, and equivalence of micro-batch layouts (the basis of multi-process runs)."""
+
+import functools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ipfm_fast as ipf
+from ipfm_fast import checkpoint as ckpt
+from ipfm_fast.models import build_denoiser, model_config
+from ipfm_fast.reference import sample_sigma_distill
+from ipfm_fast.train import common
+from ipfm_fast.train import distill as dl
+from ipfm_fast.train.distill import DistillConfig, build_state, distill
+
+TINY = dict(batch=16, log_every=2, eval_every=0, device="cpu", threads="1")
+
+
+def _quiet(*a, **k):
+    pass
+
+
+def tiny_teacher(seed=0, width=16):
+    """A small random MLP denoiser (its zero-initialised output layer made random, so the
+    teacher, the fake network and the generator differ once trained)."""
+    cfg = model_config("mlp", [1, 8, 8], width=width, depth=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_denoiser(cfg)
+        with torch.no_grad():
+            model.net.out.weight.normal_(0, 0.05)
+            model.net.out.bias.normal_(0, 0.05)
+    return model.eval().requires_grad_(False), {"model": cfg, "D": 128.0, "data": "digits"}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teacher")
+    model, meta = tiny_teacher()
+    ckpt.save_denoiser(folder / "teacher.safetensors", model, meta["model"], D=128.0, data="digits", role="teacher")
+    return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_d_inf_generator_gradient_is_sids_formula():
+    """At D = inf the generator gradient equals SiD's loss written out in eager PyTorch
+    (same z, sigma and noise), alpha = 1.2 as in SiD."""
+    teacher, meta = tiny_teacher(0)
+    cfg = DistillConfig(teacher="-", D=math.inf, alpha=1.2, **TINY)
+    state = build_state(cfg, teacher=teacher, teacher_meta=meta, device="cpu")
+    with torch.no_grad():  # make the fake network differ from the teacher
+        for p in state.fake_net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    step = 3
+    state.opt_g.zero_grad(set_to_none=True)
+    loss, masked = dl.generator_backward(state, step)
+    got = [p.grad.clone() for p in state.gen_net.parameters()]
+    assert int(masked) == 0 and all(p.grad is None for p in state.fake_net.parameters())
+
+    # SiD, written out: y = x + sigma eps; loss = (y_real - y_fake)((y_real - x) - alpha(y_real - y_fake)) / w
+    g = dl.micro_generator("cpu", cfg.seed, step, dl.GEN_PHASE, 0)
+    z = ipf.sample_prior((16, 1, 8, 8), 2.5, math.inf, generator=g)
+    sigma = sample_sigma_distill(16, t_max=800, generator=g)
+    _, eps = ipf.perturb(torch.zeros_like(z), sigma, math.inf, generator=g, return_noise=True)
+    gen = build_denoiser(meta["model"])
+    gen.load_state_dict(teacher.state_dict())
+    x = gen(z, 2.5)
+    y = x + sigma.view(-1, 1, 1, 1) * eps
+    y_real, y_fake = teacher(y, sigma), state.fake_net(y, sigma)
+    weight_factor = (x - y_real).abs().mean(dim=(1, 2, 3), keepdim=True).detach()
+    sid = (y_real - y_fake) * ((y_real - x) - 1.2 * (y_real - y_fake)) / weight_factor
+    sid.sum(dim=(1, 2, 3)).mean().backward()
+    torch.testing.assert_close(loss, sid.detach().sum(dim=(1, 2, 3)).mean(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, [p.grad for p in gen.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(a.abs().max() > 0 for a in got)
+
+
+def _params(module):
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def test_micro_batches_equal_one_batch_layout():
+    """P micro-batches of b rows == what P processes of b rows each compute: the draws are
+    a function of (seed, step, micro index), so micro_batch (not the layout) is the recipe."""
+    teacher, meta = tiny_teacher(1)
+    outs = []
+    for accum_layout in (1, 2):
+        cfg = DistillConfig(teacher="-", micro_batch=8, lr=1e-3, **TINY)
+        state = build_state(cfg, teacher=teacher, teacher_meta=meta, device="cpu")
+        assert state.accum == 2 and state.micro == 8
+        for step in range(3):
+            dl.train_step(state, step)
+        outs.append((_params(state.gen_net), _params(state.fake_net)))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    # and the loop moves the generator away from the teacher
+    assert not torch.equal(outs[0][0], _params(teacher))
+
+
+def test_tiny_run_writes_everything(teacher_dir, tmp_path, monkeypatch):
+    from ipfm_fast import metrics
+
+    monkeypatch.setattr(metrics, "train_classifier", functools.partial(metrics.train_classifier, steps=20))
+    out = tmp_path / "run"
+    s = distill(DistillConfig(teacher=teacher_dir, out=str(out), steps=6, lr=1e-3, **dict(TINY, eval_every=3),
+                              eval_samples=200), log=_quiet)
+    for name in ("config.json", "checkpoint.safetensors", "generator.safetensors", "generator_last.safetensors",
+                 "log.jsonl", "summary.json"):
+        assert (out / name).exists(), name
+    assert s["steps"] == 6 and s["D"] == 128.0 and s["images_per_second"] > 0
+    assert [c["step"] for c in s["curve"]] == [0, 3, 6] and all(math.isfinite(c["fd_test"]) for c in s["curve"])
+    model, D, sigma_init, meta = dl.load_generator(str(out))
+    assert D == 128.0 and sigma_init == 2.5 and meta["role"] == "generator" and meta["steps"] == s["best_step"]
+    x = dl.generate(model, 5, [1, 8, 8], D, sigma_init, seed=0)
+    assert x.shape == (5, 1, 8, 8) and torch.equal(x, dl.generate(model, 5, [1, 8, 8], D, sigma_init, seed=0))
+    recs = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "gen_loss" in r] == [2, 4, 6]
+
+
+def test_resume_is_bit_identical(teacher_dir, tmp_path):
+    kw = dict(TINY, teacher=teacher_dir, lr=1e-3, checkpoint_every=3, fake_steps=2)
+    kw["log_every"] = 1
+    distill(DistillConfig(out=str(tmp_path / "full"), steps=6, **kw), log=_quiet)
+    distill(DistillConfig(out=str(tmp_path / "split"), steps=3, **kw), log=_quiet)
+    # the recipe comes from the checkpoint: a different lr here is ignored
+    distill(DistillConfig(out=str(tmp_path / "split"), steps=6, **dict(kw, lr=1.0)), resume=True, log=_quiet)
+    a = ckpt.read(tmp_path / "full" / "checkpoint.safetensors")[0]
+    b = ckpt.read(tmp_path / "split" / "checkpoint.safetensors")[0]
+    assert a.keys() == b.keys() and any(k.startswith("opt_fake/") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [json.loads(s) for s in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(s) for s in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["gen_loss"], r["fake_loss"]) for r in la] == [(r["step"], r["gen_loss"], r["fake_loss"])
+                                                                        for r in lb]
+
+
+class _NaNAfter(torch.nn.Module):
+    """A teacher that returns NaN from its ``after``-th call on (every ``every``-th call
+    when ``every`` is set)."""
+
+    def __init__(self, inner, after=0, every=None):
+        super().__init__()
+        self.inner, self.after, self.every, self.calls = inner, after, every, 0
+
+    def forward(self, y, sigma):
+        self.calls += 1
+        out = self.inner(y, sigma)
+        hit = self.calls > self.after if self.every is None else self.calls % self.every == 0
+        return out * float("nan") if hit else out
+
+
+def test_nan_steps_are_skipped_with_a_warning(tmp_path):
+    teacher, meta = tiny_teacher(2)
+    cfg = DistillConfig(teacher="-", out=str(tmp_path), steps=6, lr=1e-3, **TINY)
+    with pytest.warns(RuntimeWarning, match="skipped 1 update"):
+        s = distill(cfg, teacher=_NaNAfter(teacher, every=3), teacher_meta=meta, init=teacher, log=_quiet)
+    assert s["steps"] == 6
+    recs = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert sum(r["skipped"] for r in recs) == 2 and sum(r["masked_rows"] for r in recs) == 32
+    assert all(torch.isfinite(p).all() for p in dl.load_generator(str(tmp_path))[0].parameters())
+
+
+def test_persistent_nans_stop_with_a_message(tmp_path):
+    teacher, meta = tiny_teacher(3)
+    cfg = DistillConfig(teacher="-", out=str(tmp_path), steps=50, max_bad_steps=4, **TINY)
+    with pytest.warns(RuntimeWarning), pytest.raises(FloatingPointError, match="4 iterations in a row"):
+        distill(cfg, teacher=_NaNAfter(teacher, after=2), teacher_meta=meta, init=teacher, log=_quiet)
+    _, m = ckpt.read(tmp_path / "checkpoint.safetensors")
+    assert m["step"] == 6  # saved: two good iterations, then four skipped ones
+    t = ckpt.read(tmp_path / "checkpoint.safetensors")[0]
+    assert all(torch.isfinite(v).all() for k, v in t.items() if v.is_floating_point())
+
+
+def test_cli_sigterm_saves_and_exits_cleanly(teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ipfm_fast", "distill", "--teacher", teacher_dir, "--out", str(out), "--steps",
+           "100000", "--batch", "16", "--eval-every", "0", "--checkpoint-every", "100000", "--log-every", "1",
+           "--final-eval-seeds", "0", "--device", "cpu", "--threads", "1", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = out / "log.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "interrupted by SIGTERM" in stdout and "Traceback" not in stderr
+    _, meta = ckpt.read(out / "checkpoint.safetensors")
+    assert meta["step"] >= 3 and json.loads((out / "summary.json").read_text())["stopped"] == "SIGTERM"
+    # and it resumes from there (in-process: one interpreter start less)
+    distill(DistillConfig(teacher=teacher_dir, out=str(out), steps=meta["step"] + 2, checkpoint_every=100000,
+                          **dict(TINY, log_every=1)), resume=True, log=_quiet)
+    assert ckpt.read(out / "checkpoint.safetensors")[1]["step"] == meta["step"] + 2
+
+
+def test_config_errors(teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match="micro-batch"):
+        distill(DistillConfig(teacher=teacher_dir, out=str(tmp_path), micro_batch=5, **TINY), log=_quiet)
+    with pytest.raises(ValueError, match="ema"):
+        distill(DistillConfig(teacher=teacher_dir, out=str(tmp_path), ema=1.5, **TINY), log=_quiet)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        distill(DistillConfig(teacher=teacher_dir, out=str(tmp_path / "x"), **TINY), resume=True, log=_quiet)
+    with pytest.raises(FileNotFoundError):
+        distill(DistillConfig(teacher=str(tmp_path / "missing"), out=str(tmp_path), **TINY), log=_quiet)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_distill_resume_and_sampling(teacher_dir, tmp_path):
+    """On a GPU: bf16 autocast, fused Adam, the periodic evaluation, resume, 1-NFE sampling."""
+    kw = dict(teacher=teacher_dir, out=str(tmp_path), batch=16, eval_every=2, eval_samples=100, log_every=1,
+              checkpoint_every=2, device="cuda", precision="bf16")
+    s = distill(DistillConfig(steps=2, **kw), log=_quiet)
+    assert s["precision"] == "bf16" and s["device"].startswith("cuda")
+    s = distill(DistillConfig(steps=4, **kw), resume=True, log=_quiet)
+    assert s["steps"] == 4 and s["resumed_from"] == 2
+    model, D, sigma_init, _ = dl.load_generator(str(tmp_path), device="cuda")
+    x = dl.generate(model, 8, [1, 8, 8], D, sigma_init, device="cuda",
+                    autocast=lambda: common.autocast(torch.device("cuda"), "bf16"))
+    assert x.is_cuda and x.dtype == torch.float32 and torch.isfinite(x).all()
