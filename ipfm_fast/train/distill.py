@@ -57,14 +57,14 @@ import torch
 import torch.distributed as dist
 
 import ipfm_fast as ipf
-# The two IPFM losses go through this one name. When the fused ops land
-# (ipf.ipfm_generator_loss / ipf.ipfm_fake_loss, same signatures), switch with:
-#     _ops = ipf
-from ipfm_fast import reference as _ops
 from ipfm_fast import checkpoint as ckpt
 from ipfm_fast.models import build_denoiser, count_params, describe
 from ipfm_fast.reference import sample_sigma_distill, sample_sigma_train
 from ipfm_fast.train import common
+
+# The fused IPFM losses; the same names exist in ipfm_fast.reference, so
+# `_ops = reference` runs the pure-PyTorch spec instead.
+_ops = ipf
 
 FAKE_PHASE, GEN_PHASE = 0, 1000  # phase ids of draw_seed: fake update k uses FAKE_PHASE + k
 
