@@ -1,6 +1,8 @@
+# make demo   - the main job: digits teacher (D = 128) -> IPFM one-step generator -> runs/demo/
 # make test   - create/reuse .venv, install the pinned deps, build ipfm_fast._C, run pytest
 # make bench  - microbenchmarks of every op and backend -> benchmarks/results/<device>/
-# Both work on a fresh clone of a CPU machine with Python 3.11.
+# make study  - finite D vs D = inf under equal budgets -> runs/study/
+# All work on a fresh clone of a CPU machine with Python 3.11.
 
 PYTHON ?= python3
 VENV   := .venv

@@ -1,21 +1,17 @@
 """Turns benchmarks/results/<device>/<op>.json into the README's performance table.
 
-    python benchmarks/summarize.py                  # print the table
-    python benchmarks/summarize.py --update-readme  # rewrite the block between the markers
+    python benchmarks/summarize.py    # print the table (scripts/update_readme.py puts it in README.md)
 
 For each op, device, size and mode it reports the best fused backend's time and its
 speedup over every other provider measured in the same run (Triton rows that ran in the
 interpreter are left out: they are not speed measurements).
 """
 
-import argparse
 import glob
 import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(os.path.dirname(HERE), "README.md")
-BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
 FUSED = ("cuda", "triton", "cpu")
 
 
@@ -55,23 +51,5 @@ def table(runs):
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--update-readme", action="store_true")
-    args = parser.parse_args()
-    text = table(load())
-    if not args.update_readme:
-        print(text)
-        return
-    with open(README) as f:
-        readme = f.read()
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(README, "w") as f:
-        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-
-
 if __name__ == "__main__":
-    main()
+    print(table(load()))

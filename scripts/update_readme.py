@@ -1,0 +1,90 @@
+"""Fills the README's result blocks from the files the runs wrote, so no number in the
+README is typed by hand:
+
+    demo     docs/demo/metrics.json        (ipfm-fast demo --publish docs/demo)
+    study    docs/study/study.md            (ipfm-fast study --publish docs/study)
+    teacher  docs/results/teacher_digits.md (scripts/teacher_report.py --field --dinf)
+    perf     benchmarks/results/*/*.json    (make bench; see benchmarks/summarize.py)
+
+    python scripts/update_readme.py          # rewrite README.md in place
+    python scripts/update_readme.py --check  # exit 1 if README.md is out of date
+"""
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import summarize  # noqa: E402
+
+
+def _read(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def _tables(markdown):
+    """The lines of the markdown tables in a text."""
+    return "\n".join(line for line in markdown.splitlines() if line.startswith("|"))
+
+
+def demo_block():
+    m = json.loads(_read("docs/demo/metrics.json"))
+    rows = [
+        "| model | NFE | FD vs test (mean ± std, 5 seeds) | sliced W2 | sampling images/s (CPU) |",
+        "|---|---|---|---|---|",
+        f"| data baseline (train split vs test split) | – | {m['data_baseline_fd']:.2f} | {m['data_baseline_sw']:.4f} | – |",
+        f"| PFGM++ teacher (Heun ODE, D = {m['D']:g}) | {m['teacher_nfe']} | {m['teacher_fd']:.2f} ± {m['teacher_fd_std']:.2f} "
+        f"| {m['teacher_sw']:.4f} | {m['teacher_sampling_images_per_second']:,.0f} |",
+        f"| generator before distillation (teacher at σ_init = 2.5) | 1 | {m['initial_generator_fd']:.2f} ± "
+        f"{m['initial_generator_fd_std']:.2f} | {m['initial_generator_sw']:.4f} | – |",
+        f"| **IPFM-distilled generator** (α = {m['alpha']:g}) | **{m['generator_nfe']}** | **{m['generator_fd']:.2f} ± "
+        f"{m['generator_fd_std']:.2f}** | {m['generator_sw']:.4f} | {m['generator_sampling_images_per_second']:,.0f} |",
+        "",
+        f"{m['date']}, {m['machine']}. Distillation: {m['distill_iterations']:,} iterations × batch "
+        f"{m['distill_batch']} in {m['distill_seconds']:.0f} s ({m['images_per_second']:,.0f} generator images/s); "
+        f"teacher training {m['teacher_train_seconds']:.0f} s; whole run {m['total_seconds']:.0f} s. "
+        f"Generator FD / teacher FD = {m['generator_fd_over_teacher_fd']:.2f} (target ≤ 1.5), "
+        f"/ initial generator FD = {m['generator_fd_over_initial_fd']:.3f} (target ≤ 0.5): "
+        f"targets {'met' if m['targets_met'] else 'NOT met'}.",
+    ]
+    return "\n".join(rows)
+
+
+BLOCKS = {
+    "demo": demo_block,
+    "study": lambda: _tables(_read("docs/study/study.md")),
+    "teacher": lambda: _tables(_read("docs/results/teacher_digits.md")),
+    "perf": lambda: summarize.table(summarize.load()),
+}
+
+
+def render(readme):
+    for name, make in BLOCKS.items():
+        begin, end = f"<!-- {name}-table:begin -->", f"<!-- {name}-table:end -->"
+        if begin not in readme or end not in readme:
+            raise SystemExit(f"README.md has no {begin} ... {end} block")
+        head, rest = readme.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        readme = f"{head}{begin}\n{make()}\n{end}{tail}"
+    return readme
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    args = parser.parse_args()
+    path = os.path.join(ROOT, "README.md")
+    old = _read("README.md")
+    new = render(old)
+    if args.check:
+        sys.exit(0 if new == old else 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
+
+
+if __name__ == "__main__":
+    main()
