@@ -2,6 +2,7 @@
 # make test   - create/reuse .venv, install the pinned deps, build ipfm_fast._C, run pytest
 # make bench  - microbenchmarks of every op and backend -> benchmarks/results/<device>/
 # make study  - finite D vs D = inf under equal budgets -> runs/study/
+# make bench-e2e - images/s of a full distillation iteration vs a reference-style loop
 # All work on a fresh clone of a CPU machine with Python 3.11.
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ FIND_LINKS := $(foreach d,/opt/wheels /opt/pypi/files,$(if $(wildcard $(d)),--fi
 PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS)
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: test bench install clean demo study
+.PHONY: test bench bench-e2e install clean demo study
 
 $(VENV)/.stamp-deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +33,10 @@ test: install
 
 bench: install
 	$(PY) -m pytest -q benchmarks
+
+# make bench-e2e - images/s of a full IPFM iteration, reference-style loop vs ipfm_fast loop
+bench-e2e: install
+	$(PY) benchmarks/e2e.py
 
 # make demo  - the main job: digits teacher (cached) -> IPFM distillation -> scores, PNGs (~5 min on 2 CPU cores)
 demo: install
