@@ -12,9 +12,6 @@ measured in the same run.
 import datetime
 import json
 import os
-import platform
-import re
-import subprocess
 import time
 from collections import defaultdict
 
@@ -28,27 +25,12 @@ if not HAS_CUDA:
 import ipfm_fast  # noqa: E402
 from ipfm_fast import backends  # noqa: E402
 
+from _env import device_name, device_slug, versions  # noqa: E402
+
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 _rows = defaultdict(list)  # op -> [row]
 _baselines = {}  # op -> provider the speedups are relative to
 _copy_bandwidth = {}
-
-
-def device_name():
-    if HAS_CUDA:
-        return torch.cuda.get_device_name()
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def device_slug():
-    name = torch.cuda.get_device_name() if HAS_CUDA else f"cpu-{torch.get_num_threads()}t"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def copy_bandwidth_gbs():
@@ -99,27 +81,6 @@ def bench(request):
     return run
 
 
-def versions():
-    info = {
-        "ipfm_fast": ipfm_fast.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cuda_runtime": torch.version.cuda,
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
-    try:
-        info["git"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                              stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return info
-
-
 def _fmt(v):
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
@@ -141,6 +102,14 @@ def pytest_sessionfinish(session, exitstatus):
     if HAS_CUDA:
         meta["copy_bandwidth_GBps"] = copy_bandwidth_gbs()
     for op, rows in _rows.items():
+        path = os.path.join(out_dir, f"{op}.json")
+        if os.path.exists(path):  # a partial run (-k ...) replaces only the rows it measured
+            with open(path) as f:
+                kept = json.load(f)["rows"]
+            for r in rows:
+                r.setdefault("measured", meta["date"])
+            fresh = {(r["size"], r["provider"], r["mode"]) for r in rows}
+            rows += [r for r in kept if (r["size"], r["provider"], r["mode"]) not in fresh]
         base = _baselines.get(op)
         if base:
             ref = {(r["size"], r["mode"]): r["median_ms"] for r in rows if r["provider"] == base}

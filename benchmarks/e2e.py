@@ -1,7 +1,7 @@
 """End-to-end images/s of a full IPFM iteration (one fake update + one generator update):
 a loop written the way the public SiD / PFGM++ training code does it, against the
 ipfm_fast loop (ipfm_fast.train.distill.train_step), same network, batch, D and number of
-iterations, measured in one run after warm-up.
+iterations, measured in one run after warm-up, in interleaved rounds (medians).
 
     python benchmarks/e2e.py                 # CPU defaults: runs in about a minute
     python benchmarks/e2e.py --device cuda --shape 3 32 32 --arch unet --width 128 --batch 256
@@ -17,7 +17,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -27,7 +26,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import ipfm_fast as ipf  # noqa: E402
+from _env import device_name, device_slug, versions  # noqa: E402
 from ipfm_fast.models import build_denoiser, count_params, model_config  # noqa: E402
 from ipfm_fast.reference import fake_loss_weight, perturb_pfgmpp_style, sample_sigma_distill, sample_sigma_train  # noqa: E402
 from ipfm_fast.train import distill  # noqa: E402
@@ -107,20 +106,42 @@ def ipfm_fast_loop(teacher, cfg, args, device):
     return lambda step: distill.train_step(state, step)
 
 
-def timed(step_fn, iters, warmup, device):
-    for i in range(warmup):
-        step_fn(i)
+def timed(step_fn, first, iters, device):
+    """Seconds for iterations first .. first + iters - 1 (device work included) and the
+    peak device memory (MB, CUDA only)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for i in range(warmup, warmup + iters):
+    for i in range(first, first + iters):
         step_fn(i)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     return seconds, peak
+
+
+def interleaved(loops, iters, warmup, rounds, device):
+    """Warm every loop up, then time ``rounds`` rounds of ``iters`` iterations of each loop,
+    alternating their order, so both see the same machine state. Returns {name: (median
+    seconds per round, peak MB)}."""
+    step = {name: 0 for name in loops}
+    for name, fn in loops.items():
+        for _ in range(warmup):
+            fn(step[name])
+            step[name] += 1
+    times = {name: [] for name in loops}
+    peaks = {name: None for name in loops}
+    names = list(loops)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            seconds, peak = timed(loops[name], step[name], iters, device)
+            step[name] += iters
+            times[name].append(seconds)
+            if peak is not None:
+                peaks[name] = max(peaks[name] or 0.0, peak)
+    return {name: (float(np.median(times[name])), peaks[name]) for name in loops}
 
 
 def main(argv=None):
@@ -132,7 +153,8 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--D", type=float, default=128.0)
-    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--iters", type=int, default=20, help="iterations per timed round")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds per loop, interleaved; medians reported")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both loops (default: torch's)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -146,35 +168,33 @@ def main(argv=None):
     shape = list(args.shape)
 
     ref = ReferenceLoop(teacher, args.D, args.batch, shape)
-    ref_s, ref_peak = timed(ref.step, args.iters, args.warmup, device)
-    del ref
-    fast_s, fast_peak = timed(ipfm_fast_loop(teacher, cfg, args, device), args.iters, args.warmup, device)
+    res = interleaved({"reference": ref.step, "ipfm_fast": ipfm_fast_loop(teacher, cfg, args, device)},
+                      args.iters, args.warmup, args.rounds, device)
+    (ref_s, ref_peak), (fast_s, fast_peak) = res["reference"], res["ipfm_fast"]
 
     images = args.iters * args.batch
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
-    slug = (torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}t")
-    slug = "".join(c if c.isalnum() else "-" for c in slug.lower()).strip("-")
     result = {
         "reference_images_per_s": images / ref_s,
         "ipfm_fast_images_per_s": images / fast_s,
         "speedup": ref_s / fast_s,
         "reference_peak_memory_mb": ref_peak,
         "ipfm_fast_peak_memory_mb": fast_peak,
-        "device": name, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "device": device_name(), "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "network": {"arch": args.arch, "shape": shape, "parameters": count_params(teacher), "config": cfg},
-        "batch": args.batch, "D": args.D if math.isfinite(args.D) else "inf", "iterations": args.iters,
-        "warmup": args.warmup,
-        "versions": {"torch": torch.__version__, "ipfm_fast": ipf.__version__, "python": platform.python_version()},
+        "batch": args.batch, "D": args.D if math.isfinite(args.D) else "inf", "iterations_per_round": args.iters,
+        "rounds": args.rounds, "warmup": args.warmup,
+        "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = args.out or os.path.join(HERE, "results", slug, "distill_step.json")
+    out = args.out or os.path.join(HERE, "results", device_slug(), "distill_step.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"reference loop: {result['reference_images_per_s']:.0f} images/s; "
           f"ipfm_fast loop: {result['ipfm_fast_images_per_s']:.0f} images/s ({count_params(teacher):,} parameters, "
-          f"batch {args.batch}, shape {shape}, {args.iters} iterations after {args.warmup} warm-up) -> {out}")
+          f"batch {args.batch}, shape {shape}; median of {args.rounds} interleaved rounds of {args.iters} iterations) "
+          f"-> {out}")
     print(f"speedup: {result['speedup']:.2f}")
     return result
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_e2e_bench_smoke(tmp_path, capsys):
     out = tmp_path / "distill_step.json"
-    result = e2e.main(["--iters", "1", "--warmup", "1", "--batch", "4", "--shape", "1", "4", "4", "--width", "8",
+    result = e2e.main(["--iters", "1", "--rounds", "2", "--warmup", "1", "--batch", "4", "--shape", "1", "4", "4", "--width", "8",
                        "--out", str(out)])
     saved = json.loads(out.read_text())
     for key in ("reference_images_per_s", "ipfm_fast_images_per_s", "speedup", "device", "versions", "date"):
