@@ -5,6 +5,7 @@ README is typed by hand:
     study    docs/study/study.md            (ipfm-fast study --publish docs/study)
     teacher  docs/results/teacher_digits.md (scripts/teacher_report.py --field --dinf)
     perf     benchmarks/results/*/*.json    (make bench; see benchmarks/summarize.py)
+    e2e      benchmarks/results/*/distill_step.json (make bench-e2e)
 
     python scripts/update_readme.py          # rewrite README.md in place
     python scripts/update_readme.py --check  # exit 1 if README.md is out of date
@@ -54,11 +55,29 @@ def demo_block():
     return "\n".join(rows)
 
 
+def e2e_block():
+    import glob
+
+    rows = ["| device | network | batch | reference-style loop | ipfm_fast loop | speedup | peak memory (ref / ipfm_fast) | source |",
+            "|---|---|---|---|---|---|---|---|"]
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", "distill_step.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        net = r["network"]
+        peak = ("–" if r["reference_peak_memory_mb"] is None else
+                f"{r['reference_peak_memory_mb']:.0f} / {r['ipfm_fast_peak_memory_mb']:.0f} MB")
+        rows.append(f"| {r['device']} | {net['arch']} {'x'.join(map(str, net['shape']))}, {net['parameters']:,} params "
+                    f"| {r['batch']} | {r['reference_images_per_s']:,.0f} images/s | {r['ipfm_fast_images_per_s']:,.0f} "
+                    f"images/s | {r['speedup']:.2f} | {peak} | [{r['date'][:10]}]({os.path.relpath(path, ROOT)}) |")
+    return "\n".join(rows)
+
+
 BLOCKS = {
     "demo": demo_block,
     "study": lambda: _tables(_read("docs/study/study.md")),
     "teacher": lambda: _tables(_read("docs/results/teacher_digits.md")),
     "perf": lambda: summarize.table(summarize.load()),
+    "e2e": e2e_block,
 }
 
 
