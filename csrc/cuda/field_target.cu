@@ -40,6 +40,25 @@ __device__ __forceinline__ double warp_min(double v) {
 }
 
 // Block-wide reductions (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+// acc[p][q] += sum_k a[k][4 ty + p] * b[k][4 tx + q] over one K slab of the shared tiles:
+// the 4 x 4 register micro-tile of both GEMM-shaped kernels.
+__device__ __forceinline__ void tile_fma(const float (&a_sh)[kTileK][kTile + 4], const float (&b_sh)[kTileK][kTile + 4],
+                                         int ty, int tx, float (&acc)[4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kTileK; ++kk) {
+    float a[4], b[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      a[q] = a_sh[kk][ty * 4 + q];
+      b[q] = b_sh[kk][tx * 4 + q];
+    }
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[p][q] = fmaf(a[p], b[q], acc[p][q]);
+  }
+}
+
 template <bool kMin>
 __device__ double block_reduce(double v) {
   __shared__ double partial[32];
@@ -86,19 +105,7 @@ screen_kernel(const float* __restrict__ y, int64_t ys, const float* __restrict__
       xb[c][r] = (j0 + r < m && gk < n) ? x[(j0 + r) * xs + gk] : 0.0f;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTileK; ++kk) {
-      float a[4], b[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        a[q] = ya[kk][ty * 4 + q];
-        b[q] = xb[kk][tx * 4 + q];
-      }
-#pragma unroll
-      for (int p = 0; p < 4; ++p)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[p][q] = fmaf(a[p], b[q], acc[p][q]);
-    }
+    tile_fma(ya, xb, ty, tx, acc);
     __syncthreads();
   }
 #pragma unroll
@@ -207,19 +214,7 @@ combine_kernel(const float* __restrict__ w, const float* __restrict__ x, int64_t
       xb[r][c] = (k0 + r < m && c0 + c < n) ? x[(k0 + r) * xs + c0 + c] : 0.0f;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTileK; ++kk) {
-      float a[4], b[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        a[q] = wa[kk][ty * 4 + q];
-        b[q] = xb[kk][tx * 4 + q];
-      }
-#pragma unroll
-      for (int p = 0; p < 4; ++p)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[p][q] = fmaf(a[p], b[q], acc[p][q]);
-    }
+    tile_fma(wa, xb, ty, tx, acc);
     __syncthreads();
   }
 #pragma unroll
