@@ -35,7 +35,10 @@ bench: install
 	$(PY) -m pytest -q benchmarks
 
 # make bench-e2e - images/s of a full IPFM iteration, reference-style loop vs ipfm_fast loop
+# (the profile breakdown, the eager loop, then the compiled one: its `speedup:` prints last). ~2.5 min.
 bench-e2e: install
+	$(PY) benchmarks/profile_step.py --compile off
+	$(PY) benchmarks/e2e.py --compile off
 	$(PY) benchmarks/e2e.py
 
 # make demo  - the main job: digits teacher (cached) -> IPFM distillation -> scores, PNGs (~5 min on 2 CPU cores)

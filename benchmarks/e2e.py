@@ -3,13 +3,20 @@ a loop written the way the public SiD / PFGM++ training code does it, against th
 ipfm_fast loop (ipfm_fast.train.distill.train_step), same network, batch, D and number of
 iterations, measured in one run after warm-up, in interleaved rounds (medians).
 
-    python benchmarks/e2e.py                 # CPU defaults: runs in about a minute
-    python benchmarks/e2e.py --device cuda --shape 3 32 32 --arch unet --width 128 --batch 256
+    python benchmarks/e2e.py                 # CPU defaults: about a minute (compilation included)
+    python benchmarks/e2e.py --compile off   # the eager loop -> distill_step_eager.json
+    python benchmarks/e2e.py --device cuda --arch unet --shape 3 32 32 --width 128 --depth 3 \
+        --mults 1 2 2 2 --batch 256      # CIFAR-10 size, 47M-parameter U-Net
 
 The reference-style loop: the perturbation drawn with a NumPy Beta on the host and a
 normalised Gaussian (ipfm_fast.reference.perturb_pfgmpp_style), the losses as eager
-formulas, fp32, ``.item()`` logging every step. Writes
-benchmarks/results/<device>/distill_step.json and prints ``speedup: X.XX`` last.
+formulas, fp32, plain Adam, ``.item()`` logging every step. The ipfm_fast loop is
+``ipfm_fast.train.distill.train_step`` as ``ipfm-fast distill`` runs it, with its networks
+compiled (``--compile on``, the default here; ``ipfm-fast distill`` compiles by default on
+CUDA only) and, on CUDA, bf16 autocast and channels_last. On CUDA the result also holds the
+peak memory of each loop and the host syncs of one steady-state iteration (CUDA's sync
+debug mode). Writes benchmarks/results/<device>/distill_step.json (distill_step_eager.json
+when the networks ran uncompiled) and prints ``speedup: X.XX`` last.
 """
 
 import argparse
@@ -19,6 +26,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -92,73 +100,113 @@ class ReferenceLoop:
 
 
 def build_teacher(args, device):
-    cfg = model_config(args.arch, list(args.shape), width=args.width, depth=args.depth)
+    cfg = model_config(args.arch, list(args.shape), width=args.width, depth=args.depth, mults=args.mults)
     torch.manual_seed(0)
     teacher = build_denoiser(cfg).to(device).eval().requires_grad_(False)
     teacher.config_dict = cfg
     return teacher, cfg
 
 
-def ipfm_fast_loop(teacher, cfg, args, device):
+def ipfm_fast_state(teacher, cfg, args, device):
     dcfg = distill.DistillConfig(D=args.D, batch=args.batch, lr=1e-4, ema=0.995, device=str(device),
-                                 precision=args.precision, model=cfg, eval_every=0)
-    state = distill.build_state(dcfg, teacher=teacher, teacher_meta={"D": args.D, "data": "digits"}, device=device)
-    return lambda step: distill.train_step(state, step)
+                                 precision=args.precision, compile=args.compile, channels_last=args.channels_last,
+                                 cuda_graph=args.cuda_graph, model=cfg, eval_every=0)
+    return distill.build_state(dcfg, teacher=teacher, teacher_meta={"D": args.D, "data": "digits"}, device=device)
+
+
+def ipfm_fast_loop(teacher, cfg, args, device):
+    state = ipfm_fast_state(teacher, cfg, args, device)
+    run = distill.step_runner(state)
+    step = lambda i: run(i)  # noqa: E731
+    step.state = state
+    return step
 
 
 def timed(step_fn, first, iters, device):
-    """Seconds for iterations first .. first + iters - 1 (device work included) and the
-    peak device memory (MB, CUDA only)."""
+    """Seconds for iterations first .. first + iters - 1 (device work included) and, on
+    CUDA, (peak MB allocated, MB the loop's iterations added on top of what was allocated
+    before them: activations and temporaries)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     for i in range(first, first + iters):
         step_fn(i)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return seconds, peak
+    if device.type != "cuda":
+        return seconds, None
+    peak = torch.cuda.max_memory_allocated()
+    return seconds, (peak / 2**20, (peak - base) / 2**20)
 
 
 def interleaved(loops, iters, warmup, rounds, device):
     """Warm every loop up, then time ``rounds`` rounds of ``iters`` iterations of each loop,
     alternating their order, so both see the same machine state. Returns {name: (median
-    seconds per round, peak MB)}."""
+    seconds per round, (peak MB, working MB) or None)}."""
     step = {name: 0 for name in loops}
     for name, fn in loops.items():
         for _ in range(warmup):
             fn(step[name])
             step[name] += 1
     times = {name: [] for name in loops}
-    peaks = {name: None for name in loops}
+    mem = {name: None for name in loops}
     names = list(loops)
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            seconds, peak = timed(loops[name], step[name], iters, device)
+            seconds, m = timed(loops[name], step[name], iters, device)
             step[name] += iters
             times[name].append(seconds)
-            if peak is not None:
-                peaks[name] = max(peaks[name] or 0.0, peak)
-    return {name: (float(np.median(times[name])), peaks[name]) for name in loops}
+            if m is not None:
+                mem[name] = tuple(max(a, b) for a, b in zip(mem[name] or m, m))
+    return {name: (float(np.median(times[name])), mem[name]) for name in loops}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def count_host_syncs(step_fn, step, device):
+    """Host-device synchronisations in one iteration (CUDA's sync debug mode, "warn"), or
+    None on CPU."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step_fn(step)
+            torch.cuda.set_sync_debug_mode("default")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def add_setup_args(p):
+    """The network, batch and loop settings (shared with profile_step.py)."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", type=int, nargs=3, default=[3, 16, 16])
     p.add_argument("--arch", default="mlp", choices=["mlp", "unet"])
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--mults", type=int, nargs="+", default=None, help="U-Net channel multipliers per resolution")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--D", type=float, default=128.0)
-    p.add_argument("--iters", type=int, default=20, help="iterations per timed round")
-    p.add_argument("--rounds", type=int, default=7, help="timed rounds per loop, interleaved; medians reported")
-    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both loops (default: torch's)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="ipfm_fast loop only; the reference loop is fp32 as the reference code is")
+    p.add_argument("--compile", default="on", choices=distill.SWITCHES,
+                   help="ipfm_fast loop: torch.compile the networks (auto: on CUDA only, as `ipfm-fast distill`)")
+    p.add_argument("--channels-last", default="auto", choices=distill.SWITCHES,
+                   help="ipfm_fast loop: channels_last convolutional networks (auto: on CUDA)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="ipfm_fast loop: replay the whole iteration as a CUDA graph (-> distill_step_graph.json)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_setup_args(p)
+    p.add_argument("--iters", type=int, default=20, help="iterations per timed round")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds per loop, interleaved; medians reported")
+    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>/distill_step.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -168,17 +216,26 @@ def main(argv=None):
     shape = list(args.shape)
 
     ref = ReferenceLoop(teacher, args.D, args.batch, shape)
-    res = interleaved({"reference": ref.step, "ipfm_fast": ipfm_fast_loop(teacher, cfg, args, device)},
-                      args.iters, args.warmup, args.rounds, device)
+    fast = ipfm_fast_loop(teacher, cfg, args, device)
+    loops = {"reference": ref.step, "ipfm_fast": fast}
+    res = interleaved(loops, args.iters, args.warmup, args.rounds, device)
     (ref_s, ref_peak), (fast_s, fast_peak) = res["reference"], res["ipfm_fast"]
+    syncs = {name: count_host_syncs(fn, 10**6, device) for name, fn in loops.items()}
 
     images = args.iters * args.batch
     result = {
         "reference_images_per_s": images / ref_s,
         "ipfm_fast_images_per_s": images / fast_s,
         "speedup": ref_s / fast_s,
-        "reference_peak_memory_mb": ref_peak,
-        "ipfm_fast_peak_memory_mb": fast_peak,
+        # CUDA: peak allocated while the loop ran (both loops' networks and optimizer states are
+        # resident throughout) and the part its iterations added (activations, temporaries)
+        "reference_peak_memory_mb": ref_peak and ref_peak[0],
+        "ipfm_fast_peak_memory_mb": fast_peak and fast_peak[0],
+        "reference_working_memory_mb": ref_peak and ref_peak[1],
+        "ipfm_fast_working_memory_mb": fast_peak and fast_peak[1],
+        "reference_host_syncs_per_iteration": syncs["reference"],
+        "ipfm_fast_host_syncs_per_iteration": syncs["ipfm_fast"],
+        "compiled": fast.state.compiled, "cuda_graph": fast.state.graphed, "channels_last": fast.state.channels_last, "precision": fast.state.precision,
         "device": device_name(), "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "network": {"arch": args.arch, "shape": shape, "parameters": count_params(teacher), "config": cfg},
         "batch": args.batch, "D": args.D if math.isfinite(args.D) else "inf", "iterations_per_round": args.iters,
@@ -187,7 +244,9 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = args.out or os.path.join(HERE, "results", device_slug(), "distill_step.json")
+    name = ("distill_step_graph.json" if fast.state.graphed else
+            "distill_step.json" if fast.state.compiled else "distill_step_eager.json")
+    out = args.out or os.path.join(HERE, "results", device_slug(), name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

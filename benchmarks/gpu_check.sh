@@ -6,7 +6,10 @@
 # the package is installed without build isolation or dependencies; anything missing can
 # be carried as wheels in $WHEELS.
 # Steps: build the CUDA extension for sm_90, print `ipfm-fast info`, run the whole test
-# suite on the GPU (GPU-marked tests included), run every benchmark, pack the results.
+# suite on the GPU (GPU-marked tests included: the sync-debug distillation test among
+# them), run every op benchmark, the end-to-end distillation step at CIFAR-10 size
+# (47M-parameter U-Net, batch 256, or 128 if 256 does not fit) and its profile, pack the
+# results.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -29,6 +32,18 @@ log "benchmarks"
 python3 -m pytest -q benchmarks -p no:cacheprovider >"$OUT/bench.txt" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/summary.txt"
 tail -5 "$OUT/bench.txt"
+
+log "end-to-end distillation step (CIFAR-10 size)"
+UNET="--device cuda --arch unet --shape 3 32 32 --width 128 --depth 3 --mults 1 2 2 2"
+for batch in 256 128; do
+  python3 benchmarks/e2e.py $UNET --batch $batch --rounds 5 --iters 10 --warmup 3 >"$OUT/e2e.txt" 2>&1 && break
+  echo "e2e at batch $batch failed (rc=$?)" | tee -a "$OUT/summary.txt"; tail -3 "$OUT/e2e.txt"
+done
+tail -2 "$OUT/e2e.txt" | tee -a "$OUT/summary.txt"
+python3 benchmarks/e2e.py $UNET --batch $batch --rounds 5 --iters 10 --warmup 4 --cuda-graph >"$OUT/e2e_graph.txt" 2>&1
+echo "e2e (CUDA graph) rc=$?" | tee -a "$OUT/summary.txt"; tail -2 "$OUT/e2e_graph.txt" | tee -a "$OUT/summary.txt"
+python3 benchmarks/profile_step.py $UNET --batch $batch --iters 5 --warmup 3 >"$OUT/profile.txt" 2>&1
+echo "profile rc=$?" | tee -a "$OUT/summary.txt"; tail -12 "$OUT/profile.txt"
 
 tar -czf "$OUT/results.tar.gz" benchmarks/results
 for f in benchmarks/results/*/*.md; do [ -f "$f" ] && cat "$f"; done | tee -a "$OUT/summary.txt" | tail -60

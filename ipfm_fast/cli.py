@@ -324,7 +324,7 @@ def cmd_evaluate(args):
 
 
 def add_distill(sub):
-    from ipfm_fast.train.distill import DistillConfig
+    from ipfm_fast.train.distill import SWITCHES, DistillConfig
 
     d = DistillConfig()
     p = sub.add_parser(
@@ -362,7 +362,16 @@ def add_distill(sub):
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (0: off)")
     o.add_argument("--seed", type=int, default=d.seed)
     o.add_argument("--max-bad-steps", type=_positive_int, default=d.max_bad_steps,
-                   help="stop after this many iterations in a row with non-finite losses or gradients")
+                   help="stop after this many iterations in a row with non-finite losses or gradients (checked at "
+                        "every log line: the loop reads its statistics from the device only then)")
+    f = p.add_argument_group("speed")
+    f.add_argument("--compile", choices=SWITCHES, default=d.compile,
+                   help="torch.compile the networks (auto: on CUDA; the first iterations then compile)")
+    f.add_argument("--channels-last", choices=SWITCHES, default=d.channels_last,
+                   help="channels_last memory format for convolutional networks (auto: on CUDA)")
+    f.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole iteration in a CUDA graph after 3 warm-up iterations and replay it "
+                        "(CUDA, one process)")
     r = p.add_argument_group("checkpoints, logs and evaluation")
     r.add_argument("--resume", action="store_true",
                    help="continue from --out/checkpoint.safetensors (bit-identical on CPU, any number of processes)")
@@ -387,7 +396,8 @@ def cmd_distill(args):
         lr_fake=args.lr_fake, ema=args.ema, grad_clip=args.grad_clip, seed=args.seed,
         max_bad_steps=args.max_bad_steps, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         eval_every=args.eval_every, eval_samples=args.eval_samples, device=args.device, precision=args.precision,
-        threads=args.threads)
+        threads=args.threads, compile=args.compile, channels_last=args.channels_last,
+        cuda_graph=args.cuda_graph)
     summary = distill(cfg, resume=args.resume, progress=args.progress, log=_log)
     if summary is None:  # not rank 0
         return 0

@@ -5,7 +5,8 @@ README is typed by hand:
     study    docs/study/study.md            (ipfm-fast study --publish docs/study)
     teacher  docs/results/teacher_digits.md (scripts/teacher_report.py --field --dinf)
     perf     benchmarks/results/*/*.json    (make bench; see benchmarks/summarize.py)
-    e2e      benchmarks/results/*/distill_step.json (make bench-e2e)
+    e2e      benchmarks/results/*/distill_step*.json (make bench-e2e)
+    profile  benchmarks/results/*/distill_profile.md (make bench-e2e; benchmarks/profile_step.py)
 
     python scripts/update_readme.py          # rewrite README.md in place
     python scripts/update_readme.py --check  # exit 1 if README.md is out of date
@@ -58,18 +59,35 @@ def demo_block():
 def e2e_block():
     import glob
 
-    rows = ["| device | network | batch | reference-style loop | ipfm_fast loop | speedup | peak memory (ref / ipfm_fast) | source |",
-            "|---|---|---|---|---|---|---|---|"]
-    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", "distill_step.json"))):
+    rows = ["| device | network | batch | ipfm_fast loop | reference-style loop | ipfm_fast loop | speedup "
+            "| peak memory (ref / ipfm_fast) | host syncs per iteration (ref / ipfm_fast) | source |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", "distill_step*.json"))):
         with open(path) as f:
             r = json.load(f)
         net = r["network"]
-        peak = ("–" if r["reference_peak_memory_mb"] is None else
-                f"{r['reference_peak_memory_mb']:.0f} / {r['ipfm_fast_peak_memory_mb']:.0f} MB")
+        how = ", ".join([r.get("precision", "fp32")] + [k.replace("_", " ") for k in ("compiled", "channels_last",
+                                                                                       "cuda_graph") if r.get(k)])
+        how = how if r.get("compiled") else how + ", eager"
+        peak = ("–" if r.get("reference_peak_memory_mb") is None else
+                f"{r['reference_peak_memory_mb']:,.0f} / {r['ipfm_fast_peak_memory_mb']:,.0f} MB")
+        syncs = ("–" if r.get("reference_host_syncs_per_iteration") is None else
+                 f"{r['reference_host_syncs_per_iteration']} / {r['ipfm_fast_host_syncs_per_iteration']}")
         rows.append(f"| {r['device']} | {net['arch']} {'x'.join(map(str, net['shape']))}, {net['parameters']:,} params "
-                    f"| {r['batch']} | {r['reference_images_per_s']:,.0f} images/s | {r['ipfm_fast_images_per_s']:,.0f} "
-                    f"images/s | {r['speedup']:.2f} | {peak} | [{r['date'][:10]}]({os.path.relpath(path, ROOT)}) |")
+                    f"| {r['batch']} | {how} | {r['reference_images_per_s']:,.0f} images/s "
+                    f"| {r['ipfm_fast_images_per_s']:,.0f} images/s | **{r['speedup']:.2f}** | {peak} | {syncs} "
+                    f"| [{r['date'][:10]}]({os.path.relpath(path, ROOT)}) |")
     return "\n".join(rows)
+
+
+def profile_block():
+    import glob
+
+    parts = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", "distill_profile.md"))):
+        with open(path) as f:
+            parts.append(f.read().strip() + f"\n\n([{os.path.relpath(path, ROOT)}]({os.path.relpath(path, ROOT)}))")
+    return "\n\n".join(parts)
 
 
 BLOCKS = {
@@ -78,6 +96,7 @@ BLOCKS = {
     "teacher": lambda: _tables(_read("docs/results/teacher_digits.md")),
     "perf": lambda: summarize.table(summarize.load()),
     "e2e": e2e_block,
+    "profile": profile_block,
 }
 
 

@@ -234,3 +234,245 @@ def test_cuda_bf16_distill_resume_and_sampling(teacher_dir, tmp_path):
     x = dl.generate(model, 8, [1, 8, 8], D, sigma_init, device="cuda",
                     autocast=lambda: common.autocast(torch.device("cuda"), "bf16"))
     assert x.is_cuda and x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+# --------------------------------------------------------------------------------------
+# the steady-state iteration: no host reads, updates skipped on the device
+# --------------------------------------------------------------------------------------
+
+# aten ops that read a value back to the host (a sync on a GPU)
+HOST_READS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "repeat_interleave", "equal", "is_nonzero")
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the host reads made from the training loop's own code (ipfm_fast/train):
+    the ops' CPU-only argument checks read CPU tensors, which is no sync. ``tolist`` and
+    ``numpy`` bypass the dispatcher, so they are patched for the duration."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def _record(self, what):
+        import traceback
+
+        frames = [f for f in traceback.extract_stack() if f"{os.sep}ipfm_fast{os.sep}" in f.filename]
+        if frames and f"{os.sep}train{os.sep}" in frames[-1].filename:
+            self.reads.append(f"{what} at {frames[-1].filename}:{frames[-1].lineno}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in HOST_READS:
+            self._record(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._patched = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+        for name, orig in self._patched.items():
+            def read(t, *a, _orig=orig, _name=name, **k):
+                self._record(_name)
+                return _orig(t, *a, **k)
+            setattr(torch.Tensor, name, read)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, orig in self._patched.items():
+            setattr(torch.Tensor, name, orig)
+        return super().__exit__(*exc)
+
+
+def test_steady_state_iteration_reads_nothing_back():
+    """train_step + the statistics accumulation never read a tensor back (the GPU twin of
+    this test runs under torch.cuda.set_sync_debug_mode("error"))."""
+    teacher, meta = tiny_teacher(4)
+    state = build_state(DistillConfig(teacher="-", micro_batch=8, grad_clip=1.0, **TINY), teacher=teacher,
+                        teacher_meta=meta, device="cpu")
+    stats = dl.StepStats(state.device)
+    stats.add(dl.train_step(state, 0))
+    with _HostReads() as mode:
+        for step in (1, 2):
+            stats.add(dl.train_step(state, step))
+    assert mode.reads == []
+    w = stats.read()
+    assert w["iterations"] == 3 and w["skipped"] == 0 and math.isfinite(w["gen_loss"])
+    # and the detector does see a read in the loop's code
+    with _HostReads() as mode:
+        stats.add(dl.train_step(state, 3))
+        stats.read()
+    assert mode.reads and "distill.py" in mode.reads[0]
+
+
+def test_skipped_update_leaves_weights_optimizer_and_ema_untouched():
+    """A non-finite generator loss skips the update inside fused Adam (its found_inf) and
+    the EMA, with no host read; the next good iteration updates again."""
+    teacher, meta = tiny_teacher(5)
+    nan_teacher = _NaNAfter(teacher, after=1)
+    state = build_state(DistillConfig(teacher="-", lr=1e-3, **TINY), teacher=nan_teacher, teacher_meta=meta,
+                        init=teacher, device="cpu")
+    first = dl.train_step(state, 0)  # good
+    assert not bool(first["gen_skipped"])
+    before = (_params(state.gen_net), _params(state.ema.model),
+              [s["step"].clone() for s in state.opt_g.state.values()])
+    bad = dl.train_step(state, 1)
+    assert bool(bad["gen_skipped"]) and int(bad["masked_rows"]) == 16
+    assert torch.equal(_params(state.gen_net), before[0]) and torch.equal(_params(state.ema.model), before[1])
+    assert [s["step"] for s in state.opt_g.state.values()] == before[2]  # Adam's step count rolled back
+    nan_teacher.after = 10**9  # good again
+    assert not bool(dl.train_step(state, 2)["gen_skipped"])
+    assert not torch.equal(_params(state.gen_net), before[0])
+
+
+def test_ema_skip_mask_matches_lerp():
+    model = torch.nn.Linear(3, 4)
+    ema = common.EMA(model, 0.9)
+    start = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    expected = torch.lerp(start, model.weight, 1 - ema.beta(50))
+    ema.update(model, 50, skip=torch.tensor(True))
+    assert torch.equal(ema.model.weight, start)
+    ema.update(model, 50, skip=torch.tensor(False))
+    torch.testing.assert_close(ema.model.weight, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_speed_switches_validate_and_resolve():
+    teacher, meta = tiny_teacher(6)
+    with pytest.raises(ValueError, match="--compile must be one of"):
+        DistillConfig(compile="yes").validate()
+    with pytest.raises(ValueError, match="--channels-last must be one of"):
+        DistillConfig(channels_last=True).validate()
+    state = build_state(DistillConfig(teacher="-", **TINY), teacher=teacher, teacher_meta=meta, device="cpu")
+    assert not state.compiled and not state.channels_last  # auto on CPU: eager, and an MLP has no convolutions
+    assert all(opt.defaults["fused"] for opt in (state.opt_g, state.opt_f))
+
+
+def test_channels_last_conv_networks_match_the_default_layout(tmp_path):
+    """channels_last changes the memory layout only: a U-Net iteration gives the same
+    weights up to float reassociation, and checkpoints come out in the standard layout."""
+    cfg = model_config("unet", [1, 8, 8], width=8)
+    torch.manual_seed(0)
+    teacher = build_denoiser(cfg).eval().requires_grad_(False)
+    with torch.no_grad():
+        teacher.net.out.weight.normal_(0, 0.05)
+    meta = {"model": cfg, "D": 128.0, "data": "digits"}
+    outs = []
+    for layout in ("off", "on"):
+        t = build_denoiser(cfg).eval().requires_grad_(False)
+        t.load_state_dict(teacher.state_dict())
+        state = build_state(DistillConfig(teacher="-", channels_last=layout, lr=1e-3, **TINY), teacher=t,
+                            teacher_meta=meta, device="cpu")
+        assert state.channels_last == (layout == "on")
+        for step in range(2):
+            dl.train_step(state, step)
+        outs.append(_params(state.gen_net))
+        if layout == "on":
+            w = state.gen_net.net.down[0].conv1.weight
+            assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+            ckpt.save_denoiser(tmp_path / "g.safetensors", state.ema.model, cfg, D=128.0, role="generator")
+            loaded, _ = ckpt.load_denoiser(tmp_path / "g.safetensors")
+            assert torch.equal(_params(loaded), _params(state.ema.model))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def _gpu_state(compile_mode, teacher=None):
+    cfg = model_config("unet", [3, 16, 16], width=16)
+    torch.manual_seed(0)
+    plain = build_denoiser(cfg).eval().requires_grad_(False)
+    return build_state(DistillConfig(teacher="-", batch=32, micro_batch=16, compile=compile_mode, grad_clip=1.0,
+                                     device="cuda", eval_every=0), teacher=teacher or plain, init=plain,
+                       teacher_meta={"model": cfg, "D": 128.0, "data": "digits"}, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
+def test_cuda_steady_state_iterations_never_sync(compile_mode):
+    """bf16, channels_last U-Net, fused Adam, 2 micro-batches, gradient clipping: after
+    warm-up (compilation included) iterations run under set_sync_debug_mode("error")."""
+    state = _gpu_state(compile_mode)
+    assert state.precision == "bf16" and state.channels_last and state.compiled == (compile_mode == "on")
+    stats = dl.StepStats(state.device)
+    for step in range(3):
+        stats.add(dl.train_step(state, step))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3, 6):
+            stats.add(dl.train_step(state, step))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    w = stats.read()
+    assert w["iterations"] == 6 and w["skipped"] == 0 and math.isfinite(w["gen_loss"])
+
+
+@pytest.mark.gpu
+def test_cuda_bad_update_is_skipped_without_a_sync():
+    cfg = model_config("unet", [3, 16, 16], width=16)
+    torch.manual_seed(0)
+    nan_teacher = _NaNAfter(build_denoiser(cfg).eval().requires_grad_(False), after=10**9).cuda()
+    state = _gpu_state("off", teacher=nan_teacher)
+    dl.train_step(state, 0)
+    before = (_params(state.gen_net), _params(state.ema.model))
+    nan_teacher.after = 0
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = dl.train_step(state, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(stats["gen_skipped"])
+    assert torch.equal(_params(state.gen_net), before[0]) and torch.equal(_params(state.ema.model), before[1])
+
+
+def test_cuda_graph_needs_cuda_and_one_process():
+    teacher, meta = tiny_teacher(7)
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
+        build_state(DistillConfig(teacher="-", cuda_graph=True, **TINY), teacher=teacher, teacher_meta=meta,
+                    device="cpu")
+    state = build_state(DistillConfig(teacher="-", micro_batch=8, fake_steps=2, **TINY), teacher=teacher,
+                        teacher_meta=meta, device="cpu")
+    with pytest.raises(ValueError, match="cuda_graph=True"):
+        dl.GraphedStep(state)
+    # the keys a graph registers are exactly the generators an iteration draws from
+    dl.step_runner(state)(0)
+    assert sorted(state._generators) == sorted(state.draw_keys()) and len(state.draw_keys()) == 3 * 2
+
+
+def test_ema_weight_tensor_matches_the_float_weight():
+    model = torch.nn.Linear(3, 4)
+    a, b = common.EMA(model, 0.9), common.EMA(model, 0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    a.update(model, 7)
+    b.update(model, 7, weight=torch.tensor(1.0 - b.beta(7)))
+    torch.testing.assert_close(a.model.weight, b.model.weight, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
+def test_cuda_graph_replays_the_eager_iterations(compile_mode):
+    """GraphedStep (3 eager warm-up iterations, capture, replays) updates the weights as the
+    eager loop does, with the same random draws (the generators are registered with the
+    graph and reseeded before each replay); replays never sync."""
+    updates, losses = [], []
+    for graphed in (False, True):
+        cfg = model_config("unet", [3, 16, 16], width=16)
+        torch.manual_seed(0)
+        plain = build_denoiser(cfg).eval().requires_grad_(False)
+        state = build_state(DistillConfig(teacher="-", batch=32, micro_batch=16, compile=compile_mode,
+                                          precision="fp32", cuda_graph=graphed, device="cuda", eval_every=0),
+                            teacher=plain, init=plain, teacher_meta={"model": cfg, "D": 128.0}, device="cuda")
+        start = _params(state.gen_net)
+        run = dl.step_runner(state)
+        for step in range(4):
+            run(step)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if graphed else "default")
+        try:
+            # copies: a replay overwrites its outputs
+            stats = [{k: v.clone() for k, v in run(step).items()} for step in range(4, 7)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        updates.append(_params(state.gen_net) - start)
+        losses.append(stats[-1]["gen_loss"])
+    rel = (updates[1] - updates[0]).norm() / updates[0].norm()
+    assert updates[0].norm() > 0 and rel < 1e-2, rel
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-5)

@@ -1,4 +1,5 @@
-"""benchmarks/e2e.py runs both loops and writes the fields issue 7 asks for."""
+"""benchmarks/e2e.py runs both loops and writes the fields issue 7 asks for;
+benchmarks/profile_step.py splits an iteration into its parts."""
 
 import json
 import os
@@ -9,6 +10,10 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import e2e  # noqa: E402
+import profile_step  # noqa: E402
+
+import ipfm_fast  # noqa: E402
+from ipfm_fast.train import distill  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -16,9 +21,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_e2e_bench_smoke(tmp_path, capsys):
     out = tmp_path / "distill_step.json"
     result = e2e.main(["--iters", "1", "--rounds", "2", "--warmup", "1", "--batch", "4", "--shape", "1", "4", "4", "--width", "8",
-                       "--out", str(out)])
+                       "--compile", "off", "--out", str(out)])
     saved = json.loads(out.read_text())
-    for key in ("reference_images_per_s", "ipfm_fast_images_per_s", "speedup", "device", "versions", "date"):
+    for key in ("reference_images_per_s", "ipfm_fast_images_per_s", "speedup", "device", "versions", "date",
+                "reference_peak_memory_mb", "ipfm_fast_peak_memory_mb", "ipfm_fast_host_syncs_per_iteration"):
         assert key in saved
     assert saved["speedup"] == pytest.approx(result["speedup"]) and saved["speedup"] > 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("speedup: ")
+
+
+def test_profile_breakdown(tmp_path, capsys):
+    out = tmp_path / "distill_profile.json"
+    r = profile_step.main(["--iters", "2", "--warmup", "1", "--batch", "8", "--shape", "1", "8", "8", "--width", "16",
+                           "--compile", "off", "--out", str(out)])
+    assert json.loads(out.read_text())["shares"] == r["shares"]
+    assert set(r["shares"]) == set(profile_step.CATEGORIES)
+    assert sum(r["shares"].values()) == pytest.approx(1.0)
+    assert all(r["shares"][k] > 0 for k in ("networks", "ipfm_fast ops", "optimizer + EMA"))
+    assert r["shares"]["networks"] > r["shares"]["ipfm_fast ops"]
+    assert (tmp_path / "distill_profile.md").read_text().count("\n| ") == 5
+    # the labels are gone afterwards: the loop runs unwrapped
+    assert distill.ipf is ipfm_fast and distill._finish_update.__module__ == distill.__name__
+    assert "networks" in capsys.readouterr().out

@@ -14,12 +14,13 @@ namespace {
 
 constexpr int64_t kGroupsPerChunk = 64;  // 256 elements: one vectorized Philox batch
 
-// Four normals per counter for kGroupsPerChunk consecutive counters, in element order:
-// normals[4 * i + j] = normal j of counter (first + i). Written branch-free so GCC
-// vectorizes the Philox rounds and the Box-Muller math across i.
+// Four normals per counter for `count` (<= kGroupsPerChunk) consecutive counters, in
+// element order: normals[4 * i + j] = normal j of counter (first + i). Written branch-free
+// so GCC vectorizes the Philox rounds and the Box-Muller math across i. Short rows ask for
+// fewer counters: a 64-value row needs 16, not a whole chunk.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
-void randn4_batch(uint64_t seed, uint64_t first, float* __restrict normals) {
-  for (int64_t i = 0; i < kGroupsPerChunk; ++i) {
+void randn4_batch(uint64_t seed, uint64_t first, int64_t count, float* __restrict normals) {
+  for (int64_t i = 0; i < count; ++i) {
     const uint64_t ctr = first + static_cast<uint64_t>(i);
     const Philox4 r = philox4x32_10(static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), 0u, 0u, seed);
     const uint32_t c0 = r.x[0], c1 = r.x[1], c2 = r.x[2], c3 = r.x[3];
@@ -59,7 +60,7 @@ void perturb_rows(const T* x, int64_t x_row_stride, T* y, int64_t y_row_stride, 
       }
       alignas(64) float normals[4 * kGroupsPerChunk];
       const int64_t g0 = chunk * kGroupsPerChunk;
-      randn4_batch(seed, static_cast<uint64_t>(row * groups + g0), normals);
+      randn4_batch(seed, static_cast<uint64_t>(row * groups + g0), std::min(kGroupsPerChunk, groups - g0), normals);
       const int64_t e0 = g0 * 4;
       const int64_t e1 = std::min(n, e0 + 4 * kGroupsPerChunk);
       const int64_t count = e1 - e0;

@@ -298,5 +298,7 @@ def sample_prior(shape, sigma, D, *, device=None, dtype=None, generator=None, ba
     if sigma_t is not None:
         sigma_t = sigma_t.to(torch.float32).contiguous()
     seed = _launch.draw_seed(generator, device)
-    stride = torch.empty(shape, device="meta").stride()
-    return _noise_call(list(shape), list(stride), dtype, sigma_t, sigma_f or 0.0, D, seed, name)
+    stride = [1] * len(shape)  # contiguous
+    for i in range(len(shape) - 2, -1, -1):
+        stride[i] = stride[i + 1] * max(shape[i + 1], 1)
+    return _noise_call(list(shape), stride, dtype, sigma_t, sigma_f or 0.0, D, seed, name)

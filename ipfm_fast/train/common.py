@@ -39,11 +39,12 @@ def resolve_precision(precision, device):
     return precision
 
 
-def autocast(device, precision):
+def autocast(device, precision, cache=True):
     """Context manager: bf16 autocast of the networks' forward passes, or nothing.
-    Losses are computed in fp32 outside it (the denoisers return x's dtype)."""
+    Losses are computed in fp32 outside it (the denoisers return x's dtype). ``cache=False``
+    inside CUDA-graph capture (cached weight casts would outlive the capture)."""
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -106,11 +107,19 @@ class EMA:
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model, step):
-        beta = self.beta(step)
+    def update(self, model, step, skip=None, weight=None):
+        """One EMA step towards ``model``. ``skip``: an optional 0-dim bool tensor; where it
+        is True the average stays put (decided on the device: no host sync). ``weight``: an
+        optional 0-dim tensor holding 1 - beta(step) (a CUDA graph replays it)."""
         ema_p = list(self.model.parameters())
         src_p = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_p, src_p, 1.0 - beta)
+        if skip is None and weight is None:
+            torch._foreach_lerp_(ema_p, src_p, 1.0 - self.beta(step))
+        else:  # _foreach_lerp_ would read a tensor weight back to the host
+            w = 1.0 - self.beta(step) if weight is None else weight
+            delta = torch._foreach_sub(src_p, ema_p)
+            torch._foreach_mul_(delta, w if skip is None else (~skip).to(delta[0].dtype) * w)
+            torch._foreach_add_(ema_p, delta)
         for eb, b in zip(self.model.buffers(), model.buffers()):
             eb.copy_(b)
 

@@ -45,6 +45,7 @@ The loop is split into :func:`fake_step`, :func:`generator_step` and :func:`trai
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -67,6 +68,11 @@ from ipfm_fast.train import common
 _ops = ipf
 
 FAKE_PHASE, GEN_PHASE = 0, 1000  # phase ids of draw_seed: fake update k uses FAKE_PHASE + k
+SWITCHES = ("auto", "on", "off")
+
+
+def _switch(value, auto):
+    return auto if value == "auto" else value == "on"
 
 
 @dataclass
@@ -98,6 +104,9 @@ class DistillConfig:
     device: str = "auto"
     precision: str = "auto"
     threads: str = "auto"
+    compile: str = "auto"  # torch.compile the networks: auto = on CUDA, off on CPU
+    channels_last: str = "auto"  # conv networks in channels_last memory: auto = on CUDA
+    cuda_graph: bool = False  # capture the whole iteration in a CUDA graph (CUDA, one process)
     checkpoint_every: int = 500
     log_every: int = 10
     eval_every: int = 50  # iterations between 1-NFE scores of the EMA generator (0: off)
@@ -127,6 +136,11 @@ class DistillConfig:
             raise ValueError("--eval-every must be >= 0 and --eval-samples >= 1")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
+        for name in ("compile", "channels_last"):
+            if getattr(self, name) not in SWITCHES:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {SWITCHES}, got {getattr(self, name)!r}")
         return self
 
     def to_json(self):
@@ -210,8 +224,10 @@ def _any(flag, dctx, device):
 
 @dataclass
 class DistillState:
-    """Everything one iteration touches. ``generator`` / ``fake`` are the DDP-wrapped
-    modules when distributed (``gen_net`` / ``fake_net`` the plain ones)."""
+    """Everything one iteration touches. ``generator`` / ``fake`` run the forward passes
+    that train G and the fake network (DDP-wrapped when distributed, compiled when asked);
+    ``fake_fwd`` runs the frozen fake network of the generator step; ``gen_net`` /
+    ``fake_net`` are the plain modules (parameters, EMA, checkpoints)."""
 
     cfg: DistillConfig
     teacher: torch.nn.Module
@@ -219,6 +235,7 @@ class DistillState:
     fake_net: torch.nn.Module
     generator: torch.nn.Module
     fake: torch.nn.Module
+    fake_fwd: torch.nn.Module
     ema: common.EMA
     opt_g: torch.optim.Optimizer
     opt_f: torch.optim.Optimizer
@@ -229,13 +246,37 @@ class DistillState:
     dctx: Dist
     accum: int  # micro-batches per process per iteration
     micro: int  # rows per micro-batch
+    compiled: bool = False
+    channels_last: bool = False
+    graphed: bool = False  # iterations run through GraphedStep
+    _generators: dict = field(default_factory=dict)
+    capturing: bool = False  # inside CUDA-graph capture: the generators are seeded before each replay
+
+    def __post_init__(self):
+        self.gen_params = [p for p in self.gen_net.parameters() if p.requires_grad]
+        self.fake_params = [p for p in self.fake_net.parameters() if p.requires_grad]
+        # 1 - beta(step) of the EMA as a device value (a graph replays it; eager fills it too)
+        self.ema_weight = torch.zeros((), device=self.device) if self.graphed else None
 
     def autocast(self):
-        return common.autocast(self.device, self.precision)
+        return common.autocast(self.device, self.precision, cache=not self.graphed)
 
     def micro_indices(self):
         """Global indices of this process's micro-batches."""
         return [self.dctx.rank * self.accum + j for j in range(self.accum)]
+
+    def rng(self, step, phase, micro):
+        """The generator of micro-batch ``micro`` in ``phase`` of iteration ``step`` (as
+        :func:`micro_generator`): one cached torch.Generator per (phase, micro), reseeded."""
+        g = self._generators.get((phase, micro))
+        if g is None:
+            g = self._generators[(phase, micro)] = torch.Generator(device=self.device)
+        return g if self.capturing else g.manual_seed(draw_seed(self.cfg.seed, step, phase, micro))
+
+    def draw_keys(self):
+        """The (phase, micro-batch) of every generator one iteration of this process uses."""
+        phases = [FAKE_PHASE + k for k in range(self.cfg.fake_steps)] + [GEN_PHASE]
+        return [(phase, micro) for phase in phases for micro in self.micro_indices()]
 
     def _prior(self, g):
         return ipf.sample_prior((self.micro, *self.shape), self.cfg.sigma_init, self.D, device=self.device,
@@ -244,33 +285,38 @@ class DistillState:
 
 def _sync_context(module, last):
     """DDP's no_sync for every micro-batch but the last (gradients all-reduced once)."""
+    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper
     if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not last:
         return module.no_sync()
     return contextlib.nullcontext()
 
 
-def _grad_norm(params):
+def _grad_norm(params, device):
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads)
+        return torch.zeros((), device=device)
+    return torch.nn.utils.get_total_norm(grads, foreach=True)  # one call, not one per tensor
 
 
-def _finish_update(state, module, opt, loss_sum, masked_all=False):
-    """Check the (all-reduced) gradient and the loss; clip, step, or skip. Returns
-    (skipped, grad_norm)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    norm = _grad_norm(params)
-    bad = (not math.isfinite(float(loss_sum))) or (not math.isfinite(float(norm))) or masked_all
-    bad = _any(bad, state.dctx, state.device)
-    if bad:
-        opt.zero_grad(set_to_none=True)
-        return True, float(norm)
+def _finish_update(state, params, opt, loss, masked_all=None):
+    """Clip and step, or skip, without a host sync: fused Adam skips the update on the
+    device (its ``found_inf``) when the loss or the gradient norm is not finite or every
+    row was masked, on every process alike. Returns (skipped: 0-dim bool tensor, gradient
+    norm: 0-dim tensor)."""
+    norm = _grad_norm(params, state.device)
+    bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    if masked_all is not None:
+        bad = bad | masked_all
+    if state.dctx.enabled:  # the loss differs between processes (the all-reduced gradient does not)
+        flag = bad.float()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = flag > 0
     if state.cfg.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(params, state.cfg.grad_clip, norm)
+    opt.found_inf = bad.float()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return False, float(norm)
+    return bad, norm
 
 
 def fake_backward(state, step, k=0):
@@ -280,10 +326,10 @@ def fake_backward(state, step, k=0):
     cfg = state.cfg
     total = torch.zeros((), device=state.device)
     for j, micro in enumerate(state.micro_indices()):
-        g = micro_generator(state.device, cfg.seed, step, FAKE_PHASE + k, micro)
+        g = state.rng(step, FAKE_PHASE + k, micro)
         z = state._prior(g)
         with torch.no_grad(), state.autocast():
-            x = state.gen_net(z, cfg.sigma_init).float()
+            x = state.generator(z, cfg.sigma_init).float()
         sigma = sample_sigma_train(state.micro, p_mean=cfg.p_mean, p_std=cfg.p_std, device=state.device, generator=g)
         y = ipf.perturb(x, sigma, state.D, generator=g)
         with _sync_context(state.fake, j == state.accum - 1):
@@ -296,12 +342,13 @@ def fake_backward(state, step, k=0):
 
 
 def fake_step(state, step, k=0):
-    """One update of the fake network on fresh generator samples; returns
-    {"fake_loss": mean over this process's micro-batches, "fake_skipped", "fake_grad_norm"}."""
+    """One update of the fake network on fresh generator samples; returns 0-dim device
+    tensors {"fake_loss" (mean over this process's micro-batches), "fake_skipped",
+    "fake_grad_norm"}."""
     state.opt_f.zero_grad(set_to_none=True)
     loss = fake_backward(state, step, k)
-    skipped, norm = _finish_update(state, state.fake_net, state.opt_f, loss)
-    return {"fake_loss": float(loss), "fake_skipped": skipped, "fake_grad_norm": norm}
+    skipped, norm = _finish_update(state, state.fake_params, state.opt_f, loss)
+    return {"fake_loss": loss, "fake_skipped": skipped, "fake_grad_norm": norm}
 
 
 def generator_backward(state, step):
@@ -309,14 +356,13 @@ def generator_backward(state, step):
     generator (teacher and fake parameters frozen; the gradient flows through y and the
     two networks to x). Returns (mean loss, number of masked rows), 0-dim tensors."""
     cfg = state.cfg
-    fake_params = list(state.fake_net.parameters())
-    for p in fake_params:
+    for p in state.fake_params:
         p.requires_grad_(False)
     total = torch.zeros((), device=state.device)
     masked = torch.zeros((), dtype=torch.long, device=state.device)
     try:
         for j, micro in enumerate(state.micro_indices()):
-            g = micro_generator(state.device, cfg.seed, step, GEN_PHASE, micro)
+            g = state.rng(step, GEN_PHASE, micro)
             z = state._prior(g)
             sigma = sample_sigma_distill(state.micro, t_max=cfg.t_max, device=state.device, generator=g)
             with _sync_context(state.generator, j == state.accum - 1):
@@ -325,39 +371,147 @@ def generator_backward(state, step):
                 y = ipf.perturb(x, sigma, state.D, generator=g)
                 with state.autocast():
                     a = state.teacher(y, sigma)
-                    b = state.fake_net(y, sigma)  # the plain module: DDP's reducer never sees it
+                    b = state.fake_fwd(y, sigma)  # never the DDP module: its reducer must not see this pass
                 loss, n_masked = _ops.ipfm_generator_loss(a.float(), b.float(), x, alpha=cfg.alpha,
                                                           return_masked=True)
                 (loss / state.accum).backward()
             total += loss.detach()
             masked += n_masked
     finally:
-        for p in fake_params:
+        for p in state.fake_params:
             p.requires_grad_(True)
     return total / state.accum, masked
 
 
 def generator_step(state, step):
-    """One generator update; returns {"gen_loss", "masked_rows", "gen_skipped", "gen_grad_norm"}."""
+    """One generator update; returns 0-dim device tensors {"gen_loss", "masked_rows",
+    "gen_skipped", "gen_grad_norm"}."""
     state.opt_g.zero_grad(set_to_none=True)
     loss, masked = generator_backward(state, step)
-    n_masked = int(masked)
-    masked_all = n_masked >= state.micro * state.accum
-    skipped, norm = _finish_update(state, state.gen_net, state.opt_g, loss, masked_all=masked_all)
-    return {"gen_loss": float(loss), "masked_rows": n_masked, "gen_skipped": skipped, "gen_grad_norm": norm}
+    masked_all = masked >= state.micro * state.accum
+    skipped, norm = _finish_update(state, state.gen_params, state.opt_g, loss, masked_all=masked_all)
+    return {"gen_loss": loss, "masked_rows": masked, "gen_skipped": skipped, "gen_grad_norm": norm}
 
 
 def train_step(state, step):
-    """One IPFM iteration: ``fake_steps`` fake updates, one generator update, EMA."""
-    stats = {"fake_loss": 0.0, "fake_skipped": 0}
-    for k in range(state.cfg.fake_steps):
-        s = fake_step(state, step, k)
-        stats["fake_loss"] += s["fake_loss"] / state.cfg.fake_steps
-        stats["fake_skipped"] += int(s["fake_skipped"])
+    """One IPFM iteration: ``fake_steps`` fake updates, one generator update, EMA (not
+    moved when the generator update was skipped). Returns 0-dim device tensors: reading
+    one is a host sync, which the loop does once per log window (:class:`StepStats`)."""
+    fakes = [fake_step(state, step, k) for k in range(state.cfg.fake_steps)]
+    stats = {"fake_loss": fakes[0]["fake_loss"], "fake_skipped": fakes[0]["fake_skipped"].long(),
+             "fake_grad_norm": fakes[0]["fake_grad_norm"]}
+    for f in fakes[1:]:
+        stats["fake_loss"] = stats["fake_loss"] + f["fake_loss"]
+        stats["fake_skipped"] = stats["fake_skipped"] + f["fake_skipped"].long()
+        stats["fake_grad_norm"] = stats["fake_grad_norm"] + f["fake_grad_norm"]
+    if len(fakes) > 1:
+        stats["fake_loss"] = stats["fake_loss"] / len(fakes)
+        stats["fake_grad_norm"] = stats["fake_grad_norm"] / len(fakes)
     stats.update(generator_step(state, step))
-    if not stats["gen_skipped"]:
-        state.ema.update(state.gen_net, step)
+    if state.ema_weight is not None and not state.capturing:  # a captured fill would replay a stale beta
+        state.ema_weight.fill_(1.0 - state.ema.beta(step))
+    state.ema.update(state.gen_net, step, skip=stats["gen_skipped"], weight=state.ema_weight)
     return stats
+
+
+class GraphedStep:
+    """:func:`train_step` captured once in a CUDA graph and replayed: one launch per
+    iteration instead of thousands. The first ``warmup`` iterations run eagerly on a side
+    stream (cuDNN/cuBLAS workspaces, torch.compile's compilation), the next is captured and
+    replayed; before each replay the iteration's generators are reseeded (registered with
+    the graph, so the draws equal the eager loop's) and the EMA weight refilled. Call it
+    as ``GraphedStep(state)(step)``; it returns train_step's statistics (static tensors,
+    overwritten by the next replay)."""
+
+    def __init__(self, state, warmup=3):
+        if not state.graphed:
+            raise ValueError("GraphedStep: build the state with DistillConfig(cuda_graph=True)")
+        self.state, self.warmup, self.done = state, int(warmup), 0
+        self.graph, self.stats = None, None
+
+    def _eager(self, step):
+        side = torch.cuda.Stream(self.state.device)
+        side.wait_stream(torch.cuda.current_stream(self.state.device))
+        with torch.cuda.stream(side):
+            stats = train_step(self.state, step)
+        torch.cuda.current_stream(self.state.device).wait_stream(side)
+        return stats
+
+    def _capture(self, step):
+        st = self.state
+        graph = torch.cuda.CUDAGraph()
+        for key in st.draw_keys():
+            graph.register_generator_state(st.rng(step, *key))
+        st.opt_g.zero_grad(set_to_none=True)  # the captured backward allocates the gradients
+        st.opt_f.zero_grad(set_to_none=True)
+        st.capturing = True
+        try:
+            with torch.cuda.graph(graph):
+                self.stats = train_step(st, step)
+        finally:
+            st.capturing = False
+        self.graph = graph
+
+    def __call__(self, step):
+        st = self.state
+        if self.done < self.warmup:
+            self.done += 1
+            return self._eager(step)
+        if self.graph is None:
+            self._capture(step)  # records only: the replay below runs this iteration
+        for phase, micro in st.draw_keys():
+            st.rng(step, phase, micro)  # reseeds
+        st.ema_weight.fill_(1.0 - st.ema.beta(step))
+        self.graph.replay()
+        self.done += 1
+        return self.stats
+
+
+def step_runner(state):
+    """``fn(step)`` running one iteration: :class:`GraphedStep` when the state was built
+    with ``cuda_graph``, else :func:`train_step`."""
+    return GraphedStep(state) if state.graphed else functools.partial(train_step, state)
+
+
+class StepStats:
+    """The statistics of the iterations since the last read, summed on the device; :meth:`read`
+    is the loop's one host sync per log window. Also counts, across windows, the iterations
+    in a row with a skipped update (``run``), for ``max_bad_steps``."""
+
+    MEANS = ("fake_loss", "gen_loss", "fake_grad_norm", "gen_grad_norm")  # over the finite values
+
+    def __init__(self, device, run=0):
+        self.device = device
+        self.run = torch.full((), int(run), dtype=torch.long, device=device)
+        self.reset()
+
+    def reset(self):
+        z = functools.partial(torch.zeros, device=self.device)
+        self.sums, self.finite = z(len(self.MEANS), dtype=torch.float64), z(len(self.MEANS), dtype=torch.long)
+        self.masked, self.skipped, self.worst_run = (z((), dtype=torch.long) for _ in range(3))
+        self.n = 0
+
+    def add(self, stats):
+        vals = torch.stack([stats[k].float() for k in self.MEANS])
+        ok = torch.isfinite(vals)
+        self.sums += torch.where(ok, vals, 0.0)
+        self.finite += ok
+        skipped = stats["fake_skipped"].long() + stats["gen_skipped"].long()
+        self.skipped += skipped
+        self.masked += stats["masked_rows"]
+        self.run = torch.where(skipped > 0, self.run + 1, 0)
+        self.worst_run = torch.maximum(self.worst_run, self.run)
+        self.n += 1
+
+    def read(self):
+        """{mean of each of MEANS (NaN if none was finite), "masked_rows", "skipped",
+        "worst_run", "run", "iterations"}; starts a new window."""
+        ints = torch.stack([self.masked, self.skipped, self.worst_run, self.run]).tolist()
+        sums, finite = self.sums.tolist(), self.finite.tolist()
+        out = {k: (s / c if c else math.nan) for k, s, c in zip(self.MEANS, sums, finite)}
+        out.update(zip(("masked_rows", "skipped", "worst_run", "run"), ints), iterations=self.n)
+        self.reset()
+        return out
 
 
 # --------------------------------------------------------------------------------------
@@ -478,6 +632,10 @@ def distill(cfg, *, resume=False, progress=None, log=print, teacher=None, teache
                         teacher_meta=teacher_meta, init=init, stack=stack)
 
 
+def _is_conv(module):
+    return any(p.dim() == 4 for p in module.parameters())
+
+
 def _build(cfg, teacher, meta, device, precision, dctx, init=None):
     model_cfg = cfg.model or meta.get("model")
     init = teacher if init is None else init
@@ -487,22 +645,37 @@ def _build(cfg, teacher, meta, device, precision, dctx, init=None):
     else:  # e.g. a trusted pickle: copy the module itself
         gen_net = copy.deepcopy(init)
     gen_net = gen_net.to(device).train().requires_grad_(True)
+    # cuDNN's bf16 convolutions run natively in NHWC; the EMA and the fake network copy the layout
+    channels_last = _switch(cfg.channels_last, device.type == "cuda") and _is_conv(gen_net)
+    if channels_last:
+        gen_net = gen_net.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
     fake_net = copy.deepcopy(gen_net)
     ema = common.EMA(gen_net, cfg.ema)
     lr_fake = cfg.lr_fake or cfg.lr
-    opt_kw = dict(betas=(0.0, cfg.beta2), eps=cfg.eps)
-    if device.type == "cuda":
-        opt_kw["fused"] = True
+    # fused Adam: one kernel per step on CUDA (a loop of ~10 ops per tensor otherwise, 5x slower on
+    # CPU too) and the only Adam that skips an update on the device (found_inf, see _finish_update)
+    if cfg.cuda_graph and (device.type != "cuda" or dctx.enabled):
+        raise ValueError("--cuda-graph needs a CUDA device and a single process (DDP's all-reduces are not "
+                         f"captured); got device {device} with {dctx.world} process(es)")
+    opt_kw = dict(betas=(0.0, cfg.beta2), eps=cfg.eps, fused=True, capturable=bool(cfg.cuda_graph))
     opt_g = torch.optim.Adam(gen_net.parameters(), lr=cfg.lr, **opt_kw)
     opt_f = torch.optim.Adam(fake_net.parameters(), lr=lr_fake, **opt_kw)
-    generator, fake = gen_net, fake_net
+    generator, fake, fake_fwd = gen_net, fake_net, fake_net
     if dctx.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
         generator = DDP(gen_net, device_ids=ids, broadcast_buffers=False)
         fake = DDP(fake_net, device_ids=ids, broadcast_buffers=False)
-    return model_cfg, gen_net, fake_net, generator, fake, ema, opt_g, opt_f
+    compiled = _switch(cfg.compile, device.type == "cuda")
+    if compiled:  # the plain modules keep the parameters; the compiled wrappers share them
+        generator, fake, teacher = (torch.compile(m, dynamic=False) for m in (generator, fake, teacher))
+        fake_fwd = fake if not dctx.enabled else torch.compile(fake_net, dynamic=False)
+    nets = dict(gen_net=gen_net, fake_net=fake_net, generator=generator, fake=fake, fake_fwd=fake_fwd,
+                teacher=teacher, ema=ema, opt_g=opt_g, opt_f=opt_f, compiled=compiled, channels_last=channels_last,
+                graphed=bool(cfg.cuda_graph))
+    return model_cfg, nets
 
 
 def build_state(cfg, *, teacher=None, teacher_meta=None, init=None, dctx=None, device=None):
@@ -534,15 +707,13 @@ def build_state(cfg, *, teacher=None, teacher_meta=None, init=None, dctx=None, d
                          f"({cfg.micro_batch} x {dctx.world})")
     accum = per_process // cfg.micro_batch
 
-    model_cfg, gen_net, fake_net, generator, fake, ema, opt_g, opt_f = _build(
-        cfg, teacher, teacher_meta, device, precision, dctx, init=init)
+    model_cfg, nets = _build(cfg, teacher, teacher_meta, device, precision, dctx, init=init)
     cfg.model = model_cfg or {}
     shape = list(cfg.model.get("shape") or teacher_meta.get("shape") or [])
     if not shape:
         raise ValueError("distill: the teacher does not record its sample shape")
-    return DistillState(cfg=cfg, teacher=teacher, gen_net=gen_net, fake_net=fake_net, generator=generator,
-                         fake=fake, ema=ema, opt_g=opt_g, opt_f=opt_f, D=float(cfg.D), shape=shape, device=device,
-                         precision=precision, dctx=dctx, accum=accum, micro=cfg.micro_batch)
+    return DistillState(cfg=cfg, D=float(cfg.D), shape=shape, device=device, precision=precision, dctx=dctx,
+                        accum=accum, micro=cfg.micro_batch, **nets)
 
 
 def _distill(cfg, *, resume, progress, log, teacher, teacher_meta, init, stack):
@@ -564,8 +735,8 @@ def _distill(cfg, *, resume, progress, log, teacher, teacher_meta, init, stack):
         _, saved_meta = ckpt.read(ckpt_path)
         saved = DistillConfig.from_json(saved_meta["config"])
         # the recipe comes from the checkpoint; the budget, the device and the outputs may change
-        for keep in ("steps", "time_budget", "device", "precision", "threads", "checkpoint_every", "log_every",
-                     "eval_every", "eval_samples", "out", "max_bad_steps"):
+        for keep in ("steps", "time_budget", "device", "precision", "threads", "compile", "channels_last", "cuda_graph",
+                     "checkpoint_every", "log_every", "eval_every", "eval_samples", "out", "max_bad_steps"):
             setattr(saved, keep, getattr(cfg, keep))
         cfg = saved.validate()
 
@@ -580,7 +751,10 @@ def _distill(cfg, *, resume, progress, log, teacher, teacher_meta, init, stack):
         f"{cfg.fake_steps} fake step(s) per iteration, {cfg.steps} iterations x batch {cfg.batch} "
         f"({dctx.world} process(es) x {accum} micro-batch(es) of {cfg.micro_batch}), lr {cfg.lr:g}, "
         f"EMA {cfg.ema}, device {device} ({precision}"
-        f"{f', {torch.get_num_threads()} CPU threads' if device.type == 'cpu' else ''})")
+        f"{f', {torch.get_num_threads()} CPU threads' if device.type == 'cpu' else ''}"
+        f"{', channels_last' if state.channels_last else ''}"
+        f"{', torch.compile: the first iterations compile the networks' if state.compiled else ''}"
+        f"{', CUDA graph of the whole iteration' if state.graphed else ''})")
 
     start, best, elapsed0, bad_run = 0, {"fd_train": math.inf, "step": None}, 0.0, 0
     if resume:
@@ -646,52 +820,52 @@ def _distill(cfg, *, resume, progress, log, teacher, teacher_meta, init, stack):
     signals = stack.enter_context(_StopSignals())
     t0 = time.perf_counter()
     step, stop_reason = start, None
-    acc = {"fake_loss": 0.0, "gen_loss": 0.0, "masked_rows": 0, "skipped": 0, "n": 0}
-    t_last, n_last = t0, 0
+    # A steady-state iteration never waits for the device: the statistics stay there and are
+    # read once per log window; the processes agree to stop (an all-reduce) at those reads too.
+    window = StepStats(device, run=bad_run)
+    window_start, t_last, n_last = start, t0, 0
     jl = stack.enter_context(common.JSONLLogger(log_path)) if main else None
     warned = 0
+    run_step = step_runner(state)
     for step in range(start, cfg.steps):
-        stats = train_step(state, step)
+        window.add(run_step(step))
         done = step + 1
-        skipped = int(stats["gen_skipped"]) + stats["fake_skipped"]
-        bad_run = bad_run + 1 if skipped else 0
-        if skipped or stats["masked_rows"]:
-            if warned < 20:
-                msg = (f"distill: iteration {done}: "
-                       + (f"skipped {skipped} update(s) with a non-finite loss or gradient (fake loss "
-                          f"{stats['fake_loss']:.4g}, generator loss {stats['gen_loss']:.4g}); " if skipped else "")
-                       + f"{stats['masked_rows']} generator row(s) with NaN/Inf masked")
-                if main:
-                    warnings.warn(msg, RuntimeWarning, stacklevel=1)
-                warned += 1
-        if bad_run >= cfg.max_bad_steps:
-            save_checkpoint(done, elapsed0 + time.perf_counter() - t0)
-            raise FloatingPointError(
-                f"distill: {bad_run} iterations in a row had non-finite losses or gradients (last at iteration "
-                f"{done}: fake loss {stats['fake_loss']}, generator loss {stats['gen_loss']}, "
-                f"{stats['masked_rows']} masked rows). The teacher or the networks produce NaN/Inf: check the "
-                f"teacher checkpoint, lower --lr, or use --precision fp32. The last good state is in {ckpt_path}.")
-        acc["fake_loss"] += stats["fake_loss"]
-        acc["gen_loss"] += stats["gen_loss"]
-        acc["masked_rows"] += stats["masked_rows"]
-        acc["skipped"] += skipped
-        acc["n"] += 1
         n_last += cfg.batch
         bar.update(1)
         elapsed = elapsed0 + time.perf_counter() - t0
-        over_time = cfg.time_budget is not None and elapsed >= cfg.time_budget
-        stop = _any(signals.received is not None or over_time, dctx, device)
+        read_now = done % cfg.log_every == 0 or done == cfg.steps
+        stop_here = signals.received is not None or (cfg.time_budget is not None and elapsed >= cfg.time_budget)
+        stop = (_any(stop_here, dctx, device) if read_now else False) if dctx.enabled else stop_here
+        read_now = read_now or stop
+        if read_now:
+            w = window.read()
+            bad_run = w["run"]
+            first, window_start = window_start + 1, done
+            if (w["skipped"] or w["masked_rows"]) and warned < 20:
+                msg = (f"distill: iteration{'s' if first < done else ''} {first}{f'-{done}' if first < done else ''}: "
+                       + (f"skipped {w['skipped']} update(s) with a non-finite loss or gradient; " if w["skipped"] else "")
+                       + f"{w['masked_rows']} generator row(s) with NaN/Inf masked")
+                if main:
+                    warnings.warn(msg, RuntimeWarning, stacklevel=1)
+                warned += 1
+            if w["worst_run"] >= cfg.max_bad_steps:
+                save_checkpoint(done, elapsed)
+                raise FloatingPointError(
+                    f"distill: {w['worst_run']} iterations in a row had non-finite losses or gradients (seen at "
+                    f"iteration {done}: mean finite fake loss {w['fake_loss']}, generator loss {w['gen_loss']}, "
+                    f"{w['masked_rows']} masked rows since iteration {first}). The teacher or the networks produce "
+                    f"NaN/Inf: check the teacher checkpoint, lower --lr, or use --precision fp32. The last good "
+                    f"state is in {ckpt_path}.")
+            if main:
+                now = time.perf_counter()
+                ips = n_last / max(now - t_last, 1e-9)
+                rec = dict(step=done, fake_loss=w["fake_loss"], gen_loss=w["gen_loss"], masked_rows=w["masked_rows"],
+                           skipped=w["skipped"], fake_grad_norm=w["fake_grad_norm"], gen_grad_norm=w["gen_grad_norm"],
+                           images_per_second=ips, images_seen=done * cfg.batch, train_seconds=elapsed)
+                bar.set_postfix(fake=f"{rec['fake_loss']:.3f}", gen=f"{rec['gen_loss']:.3f}", img_s=f"{ips:.0f}")
+                jl.log(**rec)
+                t_last, n_last = now, 0
         last = done == cfg.steps or stop
-        if main and (done % cfg.log_every == 0 or last):
-            now = time.perf_counter()
-            ips = n_last / max(now - t_last, 1e-9)
-            rec = dict(step=done, fake_loss=acc["fake_loss"] / acc["n"], gen_loss=acc["gen_loss"] / acc["n"],
-                       masked_rows=acc["masked_rows"], skipped=acc["skipped"], images_per_second=ips,
-                       images_seen=done * cfg.batch, train_seconds=elapsed)
-            bar.set_postfix(fake=f"{rec['fake_loss']:.3f}", gen=f"{rec['gen_loss']:.3f}", img_s=f"{ips:.0f}")
-            jl.log(**rec)
-            acc = {"fake_loss": 0.0, "gen_loss": 0.0, "masked_rows": 0, "skipped": 0, "n": 0}
-            t_last, n_last = now, 0
         if scorer is not None and (done % cfg.eval_every == 0 or last):
             s = evaluate(done)
             curve.append(dict(step=done, **s))
@@ -701,6 +875,8 @@ def _distill(cfg, *, resume, progress, log, teacher, teacher_meta, init, stack):
                 save_generator("generator.safetensors", ema.model, done, fd_train=s["fd_train"])
             bar.set_postfix(fd=f"{s['fd_test']:.2f}", best=f"{best['fd_train']:.2f}@{best['step']}")
         if done % cfg.checkpoint_every == 0 or last:
+            if not read_now:
+                bad_run = int(window.run)  # a checkpoint syncs anyway
             save_checkpoint(done, elapsed)
         if stop:
             stop_reason = signals.received or "time budget"

@@ -1,0 +1,196 @@
+"""Where the time of one ipfm_fast distillation iteration goes (torch.profiler): the
+networks (forward and backward of G, the fake network and the teacher), the ipfm_fast ops
+(perturbation, prior, both losses: forward and backward), the two optimizer updates with
+the gradient check and the EMA, and everything else (the noise levels, the statistics,
+Python and launch overhead between ops).
+
+    python benchmarks/profile_step.py            # CPU: the e2e.py default network
+    python benchmarks/profile_step.py --device cuda --arch unet --shape 3 32 32 --width 128 --batch 256
+
+Same network flags as e2e.py. On CPU the shares are of the wall time of the profiled
+iterations (the ops' own time is self CPU time on the calling thread; what no category
+claims is "elsewhere"). On CUDA they are of the GPU's kernel time, and the report adds how
+long the GPU sat idle within the iterations. Writes
+benchmarks/results/<device>/distill_profile.json and .md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import types
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import e2e  # noqa: E402
+from _env import device_name, device_slug, versions  # noqa: E402
+from ipfm_fast.models import count_params  # noqa: E402
+from ipfm_fast.ops import losses as loss_ops  # noqa: E402
+from ipfm_fast.ops import perturb as perturb_ops  # noqa: E402
+from ipfm_fast.train import distill  # noqa: E402
+
+LABEL = "ipfm_step::"
+CATEGORIES = ("networks", "ipfm_fast ops", "optimizer + EMA", "elsewhere")
+# the autograd nodes of the ops' eager autograd.Functions (their backward passes)
+OP_NODES = tuple(f.__name__ + "Backward" for f in (perturb_ops._PerturbFunction, perturb_ops._NoiseFunction,
+                                                     loss_ops._GenLoss, loss_ops._FakeLoss))
+
+
+def _labeled(fn, category):
+    def call(*args, **kwargs):
+        with record_function(LABEL + category):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+class _Labels:
+    """Wraps the networks, the ops and the updates of a DistillState in record_function
+    ranges for the duration of a ``with`` block (profiling only: the loop itself carries
+    no labels)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __enter__(self):
+        st = self.state
+        self.saved = dict(nets={k: getattr(st, k) for k in ("generator", "fake", "fake_fwd", "teacher")},
+                          ema=st.ema.update, ipf=distill.ipf, ops=distill._ops, finish=distill._finish_update)
+        for k, net in self.saved["nets"].items():
+            setattr(st, k, _labeled(net, "networks"))
+        st.ema.update = _labeled(st.ema.update, "optimizer + EMA")
+        distill.ipf = types.SimpleNamespace(perturb=_labeled(distill.ipf.perturb, "ipfm_fast ops"),
+                                            sample_prior=_labeled(distill.ipf.sample_prior, "ipfm_fast ops"))
+        distill._ops = types.SimpleNamespace(
+            ipfm_fake_loss=_labeled(distill._ops.ipfm_fake_loss, "ipfm_fast ops"),
+            ipfm_generator_loss=_labeled(distill._ops.ipfm_generator_loss, "ipfm_fast ops"))
+        distill._finish_update = _labeled(distill._finish_update, "optimizer + EMA")
+        return self
+
+    def __exit__(self, *exc):
+        st = self.state
+        for k, net in self.saved["nets"].items():
+            setattr(st, k, net)
+        del st.ema.update  # the instance attribute; the method shows through again
+        distill.ipf, distill._ops, distill._finish_update = self.saved["ipf"], self.saved["ops"], self.saved["finish"]
+        return False
+
+
+def _boundary(event):
+    """The category an event opens (a labelled range, or an autograd node run by the engine:
+    an ipfm_fast op's or, for every other node, a network's), or None."""
+    if event.name.startswith(LABEL):
+        return event.name[len(LABEL):]
+    if event.name.startswith("autograd::engine::evaluate_function:"):
+        return "ipfm_fast ops" if any(node in event.name for node in OP_NODES) else "networks"
+    return None
+
+
+def category(event):
+    """The category of the innermost boundary around an event ("elsewhere" if none)."""
+    e = event
+    while e is not None:
+        found = _boundary(e)
+        if found:
+            return found
+        e = e.cpu_parent
+    return "elsewhere"
+
+
+def breakdown(events, device, wall_us):
+    """{category: microseconds}. CPU: the inclusive time of the outermost boundaries (so
+    the Python inside a network's forward counts as the network's), the rest of the wall
+    time "elsewhere". CUDA: the kernel time of the ops in each category."""
+    times = dict.fromkeys(CATEGORIES, 0.0)
+    for ev in events:
+        if ev.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        if device.type == "cuda":
+            times[category(ev)] += ev.self_device_time_total
+        elif _boundary(ev) and (ev.cpu_parent is None or category(ev.cpu_parent) == "elsewhere"):
+            times[_boundary(ev)] += ev.cpu_time_total
+    if device.type != "cuda":
+        times["elsewhere"] = max(wall_us - sum(times.values()), 0.0)
+    return times
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    e2e.add_setup_args(p)
+    p.add_argument("--iters", type=int, default=10, help="profiled iterations")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>/distill_profile.json)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher, cfg = e2e.build_teacher(args, device)
+    state = e2e.ipfm_fast_state(teacher, cfg, args, device)
+    for step in range(args.warmup):
+        distill.train_step(state, step)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    sync()
+    t0 = time.perf_counter()
+    for step in range(args.warmup, args.warmup + args.iters):
+        distill.train_step(state, step)
+    sync()
+    plain_ms = (time.perf_counter() - t0) / args.iters * 1e3
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with _Labels(state), profile(activities=activities) as prof:
+        sync()
+        t0 = time.perf_counter()
+        for step in range(args.warmup + args.iters, args.warmup + 2 * args.iters):
+            distill.train_step(state, step)
+        sync()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    times = breakdown(prof.events(), device, wall_us)
+    total = sum(times.values())
+    shares = {k: v / total for k, v in times.items()}
+    per_iter_ms = {k: v / args.iters / 1e3 for k, v in times.items()}
+    result = {
+        "device": device_name(), "measure": "GPU kernel time" if device.type == "cuda" else "CPU wall time",
+        "iteration_ms": plain_ms, "profiled_iteration_ms": wall_us / args.iters / 1e3,
+        "shares": shares, "ms_per_iteration": per_iter_ms,
+        "gpu_idle_share": (max(wall_us - total, 0.0) / wall_us if device.type == "cuda" else None),
+        "network": {"arch": args.arch, "shape": list(args.shape), "parameters": count_params(teacher), "config": cfg},
+        "batch": args.batch, "D": args.D, "precision": state.precision, "compiled": state.compiled,
+        "channels_last": state.channels_last, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "iterations": args.iters, "versions": versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/profile_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    out = args.out or os.path.join(HERE, "results", device_slug(), "distill_profile.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(markdown(result) + "\n")
+    print(markdown(result))
+    print(f"-> {out}")
+    return result
+
+
+def markdown(r):
+    net = r["network"]
+    lines = [f"One ipfm_fast distillation iteration on {r['device']}: {net['arch']} "
+             f"{'x'.join(map(str, net['shape']))} ({net['parameters']:,} parameters), batch {r['batch']}, "
+             f"{r['precision']}{', compiled' if r['compiled'] else ''}{', channels_last' if r['channels_last'] else ''}; "
+             f"{r['iteration_ms']:.2f} ms per iteration unprofiled. Shares of {r['measure']}:",
+             "", "| part | share | ms per iteration |", "|---|---|---|"]
+    for k in CATEGORIES:
+        lines.append(f"| {k} | {100 * r['shares'][k]:.1f}% | {r['ms_per_iteration'][k]:.2f} |")
+    if r["gpu_idle_share"] is not None:
+        lines += ["", f"The GPU was idle {100 * r['gpu_idle_share']:.1f}% of the profiled iterations' wall time."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
