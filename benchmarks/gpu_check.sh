@@ -10,8 +10,11 @@
 # them), run every op benchmark, the end-to-end distillation step at CIFAR-10 size
 # (47M-parameter U-Net, batch 256, or 128 if 256 does not fit) and its profile, pack the
 # results.
+#   STAGES="tests e2e" bash benchmarks/gpu_check.sh   (a subset: tests, bench, e2e; the build always runs)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
+STAGES=${STAGES:-"tests bench e2e"}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 log() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$OUT/summary.txt"; }
 
@@ -24,15 +27,20 @@ IPFM_FAST_BUILD_CUDA=1 IPFM_FAST_CUDA_ARCHS=90 python3 -m pip install -q --no-bu
   >"$OUT/build.txt" 2>&1 || { log "BUILD FAILED"; tail -50 "$OUT/build.txt"; exit 1; }
 python3 -m ipfm_fast info | tee "$OUT/info.txt"
 
+if want tests; then
 log "tests"
 python3 -m pytest -q -x tests -p no:cacheprovider >"$OUT/tests.txt" 2>&1; echo "tests rc=$?" | tee -a "$OUT/summary.txt"
 tail -5 "$OUT/tests.txt"
+fi
 
+if want bench; then
 log "benchmarks"
 python3 -m pytest -q benchmarks -p no:cacheprovider >"$OUT/bench.txt" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/summary.txt"
 tail -5 "$OUT/bench.txt"
+fi
 
+if want e2e; then
 log "end-to-end distillation step (CIFAR-10 size)"
 UNET="--device cuda --arch unet --shape 3 32 32 --width 128 --depth 3 --mults 1 2 2 2"
 for batch in 256 128; do
@@ -44,6 +52,7 @@ python3 benchmarks/e2e.py $UNET --batch $batch --rounds 5 --iters 10 --warmup 4 
 echo "e2e (CUDA graph) rc=$?" | tee -a "$OUT/summary.txt"; tail -2 "$OUT/e2e_graph.txt" | tee -a "$OUT/summary.txt"
 python3 benchmarks/profile_step.py $UNET --batch $batch --iters 5 --warmup 3 >"$OUT/profile.txt" 2>&1
 echo "profile rc=$?" | tee -a "$OUT/summary.txt"; tail -12 "$OUT/profile.txt"
+fi
 
 tar -czf "$OUT/results.tar.gz" benchmarks/results
 for f in benchmarks/results/*/*.md; do [ -f "$f" ] && cat "$f"; done | tee -a "$OUT/summary.txt" | tail -60

@@ -50,7 +50,7 @@ def check_sigma(sigma, rows, device, op, name="sigma"):
             raise ValueError(f"{op}: {name} must be a float or a tensor of shape [{rows}] (one per row), "
                              f"got shape {tuple(sigma.shape)}")
         if sigma.device.type == "cpu" and not _compiling() and rows > 0:
-            lo, hi = torch.aminmax(sigma)  # one pass; NaN propagates to both (5 us, not 40 us of mask ops)
+            lo, hi = torch.aminmax(sigma.detach())  # one pass; NaN propagates to both (5 us, not 40 us of mask ops)
             if not (float(lo) > 0 and float(hi) < math.inf):
                 bad = ~((sigma > 0) & torch.isfinite(sigma))
                 value = sigma[bad][0].item()

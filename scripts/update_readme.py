@@ -59,7 +59,7 @@ def demo_block():
 def e2e_block():
     import glob
 
-    rows = ["| device | network | batch | ipfm_fast loop | reference-style loop | ipfm_fast loop | speedup "
+    rows = ["| device | network | batch | ipfm_fast settings | reference-style loop | ipfm_fast loop | speedup "
             "| peak memory (ref / ipfm_fast) | host syncs per iteration (ref / ipfm_fast) | source |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", "distill_step*.json"))):

@@ -191,7 +191,8 @@ def test_cli_sigterm_saves_and_exits_cleanly(teacher_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ipfm_fast", "distill", "--teacher", teacher_dir, "--out", str(out), "--steps",
            "100000", "--batch", "16", "--eval-every", "0", "--checkpoint-every", "100000", "--log-every", "1",
-           "--final-eval-seeds", "0", "--device", "cpu", "--threads", "1", "--no-progress"]
+           "--final-eval-seeds", "0", "--device", "cpu", "--threads", "1", "--no-progress",
+           "--compile", "off", "--channels-last", "auto"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     log = out / "log.jsonl"
