@@ -48,7 +48,9 @@ def demo_block():
         "",
         f"{m['date']}, {m['machine']}. Distillation: {m['distill_iterations']:,} iterations × batch "
         f"{m['distill_batch']} in {m['distill_seconds']:.0f} s ({m['images_per_second']:,.0f} generator images/s); "
-        f"teacher training {m['teacher_train_seconds']:.0f} s; whole run {m['total_seconds']:.0f} s. "
+        f"teacher training {m['teacher_train_seconds']:.0f} s"
+        f"{' (in an earlier run; this run reused the teacher)' if m.get('teacher_reused') else ''}; "
+        f"whole run {m['total_seconds']:.0f} s. "
         f"Generator FD / teacher FD = {m['generator_fd_over_teacher_fd']:.2f} (target ≤ 1.5), "
         f"/ initial generator FD = {m['generator_fd_over_initial_fd']:.3f} (target ≤ 0.5): "
         f"targets {'met' if m['targets_met'] else 'NOT met'}.",

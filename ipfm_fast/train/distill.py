@@ -30,16 +30,16 @@ micro-batch draws from its own ``torch.Generator`` seeded by :func:`draw_seed`. 
 return; an update whose loss or gradient is not finite (or whose rows are all masked) is
 skipped on the device (fused Adam's ``found_inf``; the EMA is masked alike) and reported
 with a warning at the next log line, and ``max_bad_steps`` skipped updates in a row stop
-the run with a message.
+the run with a message. The EMA generator is scored every ``eval_every`` iterations (1 NFE,
+FD against the *training* split, so the test split stays for the final report) and the
+best one is kept as ``generator.safetensors``.
 
 **Throughput**: a steady-state iteration never waits for the device. Losses, gradient
 norms and the masked/skipped counts are summed on the device (:class:`StepStats`) and
 read once per ``log_every`` iterations; with several processes the decision to stop is
 all-reduced only then. bf16 autocast on CUDA, fused Adam, ``compile`` (torch.compile of
 the networks, default on CUDA), ``channels_last`` (conv networks, default on CUDA) and
-``cuda_graph`` (:class:`GraphedStep`: the whole iteration replayed as one CUDA graph). The EMA generator is scored every ``eval_every`` iterations (1 NFE, FD against
-the *training* split, so the test split stays for the final report) and the best one is
-kept as ``generator.safetensors``.
+``cuda_graph`` (:class:`GraphedStep`: the whole iteration replayed as one CUDA graph).
 
 Run folder (``out``): ``config.json``, ``checkpoint.safetensors`` (resume state),
 ``generator.safetensors`` (best EMA generator; a denoiser file whose metadata records
