@@ -25,6 +25,8 @@ import pickle
 
 import torch
 
+from ipfm_fast._files import replacing
+
 from ipfm_fast.models import build_denoiser
 
 META_KEY = "ipfm_fast"
@@ -39,16 +41,10 @@ class PickleRefused(ValueError):
 def _atomic_save(tensors, meta, path):
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with replacing(path) as tmp:
         save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, default=_json_default)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ipfm_fast._files import replacing
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DIGITS_TEST = 360
 SPLIT_SEED = 0
@@ -274,8 +276,6 @@ def save_grid(x, path, *, nrow=None, pad=1, upscale=None):
     img = Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3])
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    with replacing(path, ".png") as tmp:
+        img.save(tmp)
     return path

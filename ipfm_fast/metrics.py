@@ -33,6 +33,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ipfm_fast._files import replacing
+
 CLASSIFIER_VERSION = 1
 FEATURE_DIM = 64
 
@@ -225,11 +227,9 @@ def load_or_train_classifier(dataset, cache_dir=None, *, device="cpu", log=None)
                     log(f"FD classifier cache {path} unreadable ({err}); retraining")
     net, info = train_classifier(dataset, device=device, log=log)
     if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, tmp,
-                  metadata={"features": info["features"], "test_accuracy": str(info["test_accuracy"])})
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, tmp,
+                      metadata={"features": info["features"], "test_accuracy": str(info["test_accuracy"])})
         info["cached"] = path
     return net, info
 

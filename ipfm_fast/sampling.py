@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import ipfm_fast as ipf
+from ipfm_fast._files import replacing
 from ipfm_fast.reference import RHO, SIGMA_MAX, SIGMA_MIN, sampler_sigmas
 
 
@@ -82,13 +83,9 @@ def sample(model, num, shape, D, *, seed=0, steps=18, batch=500, device="cpu", s
 def save_npz(path, x, **meta):
     """Samples in [-1, 1] ([B, C, H, W]) -> .npz with uint8 ``x`` [B, H, W, C] (loadable
     by :func:`ipfm_fast.data.load_dataset`) and float32 ``x_float`` (clipped to [-1, 1])."""
-    import os
-
     from ipfm_fast.data import to_uint8
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
     extra = {k: np.asarray(v) for k, v in meta.items() if v is not None and not (isinstance(v, float) and math.isinf(v))}
-    np.savez_compressed(tmp, x=to_uint8(x), x_float=x.detach().float().clamp(-1, 1).cpu().numpy(), **extra)
-    os.replace(tmp, path)
+    with replacing(path, ".npz") as tmp:
+        np.savez_compressed(tmp, x=to_uint8(x), x_float=x.detach().float().clamp(-1, 1).cpu().numpy(), **extra)
     return path

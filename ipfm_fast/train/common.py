@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from ipfm_fast._files import replacing
+
 # --------------------------------------------------------------------------------------
 # device and precision
 # --------------------------------------------------------------------------------------
@@ -218,10 +220,8 @@ def truncate_jsonl(path, max_step):
                 continue
             if rec.get("step", -1) <= max_step:
                 keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(keep)
-    os.replace(tmp, path)
 
 
 def _jsonable(v):
@@ -238,11 +238,8 @@ def _jsonable(v):
 
 def write_json(path, obj):
     """Atomic JSON write (write a temporary file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(_jsonable(obj), f, indent=2)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -26,6 +26,7 @@ import time
 import torch
 
 from ipfm_fast import checkpoint as ckpt
+from ipfm_fast._files import replacing
 from ipfm_fast.train import common
 
 GRID_UPSCALE = 4  # 10 x 10 grids of 8x8 images -> 364 x 364 pixels
@@ -118,10 +119,9 @@ def plot_curve(path, curve, *, teacher_fd, initial_fd, baseline_fd, best_step=No
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
+    with replacing(path, ".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -387,10 +387,9 @@ def plot_study(path, res):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
+    with replacing(path, ".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _fmt_D(D):
