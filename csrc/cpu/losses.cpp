@@ -199,6 +199,21 @@ IPFM_KERNELS(bf16, bf16)
 // row loops
 // ---------------------------------------------------------------------------------------
 
+int64_t chunks_per_row(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+// fn(item, row, e0, len) for every kChunk-wide piece of every row, the pieces split across
+// threads; item = row * chunks_per_row(n) + chunk indexes per-piece partials.
+template <typename F>
+void for_each_chunk(int64_t rows, int64_t n, int threads, F&& fn) {
+  const int64_t chunks = chunks_per_row(n);
+  const int64_t work = rows * chunks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t item = 0; item < work; ++item) {
+    const int64_t row = item / chunks, e0 = (item % chunks) * kChunk;
+    fn(item, row, e0, std::min(kChunk, n - e0));
+  }
+}
+
 template <typename T>
 void zero_row(T* g, int64_t n) {
   if (g) std::fill(g, g + n, from_float<T>(0.0f));
@@ -207,15 +222,12 @@ void zero_row(T* g, int64_t n) {
 template <typename T>
 void gen_forward(Rows<T> a, Rows<T> b, Rows<T> x, int64_t rows, int64_t n, const float* weight, float alpha,
                  int reduction, float* loss, int64_t* masked, float* stats, int threads) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  const int64_t work = rows * chunks;
-  std::vector<float> partials(static_cast<size_t>(work) * kGenPartials);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t item = 0; item < work; ++item) {
-    const int64_t row = item / chunks, e0 = (item % chunks) * kChunk;
-    Kernels<T>::gen_partial(a.row(row) + e0, b.row(row) + e0, x.row(row) + e0, std::min(kChunk, n - e0), alpha,
+  const int64_t chunks = chunks_per_row(n);
+  std::vector<float> partials(static_cast<size_t>(rows * chunks) * kGenPartials);
+  for_each_chunk(rows, n, threads, [&](int64_t item, int64_t row, int64_t e0, int64_t len) {
+    Kernels<T>::gen_partial(a.row(row) + e0, b.row(row) + e0, x.row(row) + e0, len, alpha,
                             partials.data() + item * kGenPartials);
-  }
+  });
   double total = 0.0;
   int64_t count = 0;
   for (int64_t row = 0; row < rows; ++row) {
@@ -246,12 +258,7 @@ void gen_backward(const float* grad, int64_t grad_stride, Rows<T> a, Rows<T> b, 
                   int threads) {
   const auto kernel = Kernels<T>::gen_grad(ga != nullptr, gb != nullptr, gx != nullptr);
   if (kernel == nullptr) return;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  const int64_t work = rows * chunks;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t item = 0; item < work; ++item) {
-    const int64_t row = item / chunks, e0 = (item % chunks) * kChunk;
-    const int64_t len = std::min(kChunk, n - e0);
+  for_each_chunk(rows, n, threads, [&](int64_t, int64_t row, int64_t e0, int64_t len) {
     const int64_t off = row * g_stride + e0;
     T* ga_r = ga ? ga + off : nullptr;
     T* gb_r = gb ? gb + off : nullptr;
@@ -260,24 +267,21 @@ void gen_backward(const float* grad, int64_t grad_stride, Rows<T> a, Rows<T> b, 
       zero_row(ga_r, len);
       zero_row(gb_r, len);
       zero_row(gx_r, len);
-      continue;
+      return;
     }
     const float c = gen_grad_coef(grad[row * grad_stride], scale, stats[row], 1.0f);
     kernel(a.row(row) + e0, b.row(row) + e0, x.row(row) + e0, ga_r, gb_r, gx_r, len, alpha, c);
-  }
+  });
 }
 
 template <typename T>
 void fake_forward(Rows<T> b, Rows<T> x, int64_t rows, int64_t n, const float* sigma, float sigma_scalar,
                   float sigma_data, int reduction, float* loss, float* stats, int threads) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  const int64_t work = rows * chunks;
-  std::vector<float> partials(static_cast<size_t>(work));
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t item = 0; item < work; ++item) {
-    const int64_t row = item / chunks, e0 = (item % chunks) * kChunk;
-    partials[item] = Kernels<T>::fake_partial(b.row(row) + e0, x.row(row) + e0, std::min(kChunk, n - e0));
-  }
+  const int64_t chunks = chunks_per_row(n);
+  std::vector<float> partials(static_cast<size_t>(rows * chunks));
+  for_each_chunk(rows, n, threads, [&](int64_t item, int64_t row, int64_t e0, int64_t len) {
+    partials[item] = Kernels<T>::fake_partial(b.row(row) + e0, x.row(row) + e0, len);
+  });
   double total = 0.0;
   for (int64_t row = 0; row < rows; ++row) {
     double s = 0.0;
@@ -303,16 +307,11 @@ void fake_backward(const float* grad, int64_t grad_stride, Rows<T> b, Rows<T> x,
                    const float* stats, float scale, T* gb, T* gx, int64_t g_stride, int threads) {
   const auto kernel = Kernels<T>::fake_grad(gb != nullptr, gx != nullptr);
   if (kernel == nullptr) return;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  const int64_t work = rows * chunks;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t item = 0; item < work; ++item) {
-    const int64_t row = item / chunks, e0 = (item % chunks) * kChunk;
+  for_each_chunk(rows, n, threads, [&](int64_t, int64_t row, int64_t e0, int64_t len) {
     const int64_t off = row * g_stride + e0;
     const float c2 = 2.0f * grad[row * grad_stride] * scale * stats[row];
-    kernel(b.row(row) + e0, x.row(row) + e0, gb ? gb + off : nullptr, gx ? gx + off : nullptr,
-           std::min(kChunk, n - e0), c2);
-  }
+    kernel(b.row(row) + e0, x.row(row) + e0, gb ? gb + off : nullptr, gx ? gx + off : nullptr, len, c2);
+  });
 }
 
 void check_shape(int64_t rows, int64_t n, const char* op) {

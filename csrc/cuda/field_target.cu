@@ -59,6 +59,17 @@ __device__ __forceinline__ void tile_fma(const float (&a_sh)[kTileK][kTile + 4],
   }
 }
 
+// Writes a thread's 4x4 accumulator to dst[i * ld + j], i = i0 + p, j = j0 + q, inside
+// [0, rows) x [0, cols).
+__device__ __forceinline__ void store_tile(const float (&acc)[4][4], float* __restrict__ dst, int64_t ld, int64_t i0,
+                                           int64_t j0, int64_t rows, int64_t cols) {
+#pragma unroll
+  for (int p = 0; p < 4; ++p)
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      if (i0 + p < rows && j0 + q < cols) dst[(i0 + p) * ld + j0 + q] = acc[p][q];
+}
+
 template <bool kMin>
 __device__ double block_reduce(double v) {
   __shared__ double partial[32];
@@ -108,13 +119,7 @@ screen_kernel(const float* __restrict__ y, int64_t ys, const float* __restrict__
     tile_fma(ya, xb, ty, tx, acc);
     __syncthreads();
   }
-#pragma unroll
-  for (int p = 0; p < 4; ++p)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t i = i0 + ty * 4 + p, j = j0 + tx * 4 + q;
-      if (i < rows && j < m) s[i * m + j] = acc[p][q];
-    }
+  store_tile(acc, s, m, i0 + ty * 4, j0 + tx * 4, rows, m);
 }
 
 // One block per row: s[row, :] holds y_row . x_j on entry and the weights on return.
@@ -217,13 +222,7 @@ combine_kernel(const float* __restrict__ w, const float* __restrict__ x, int64_t
     tile_fma(wa, xb, ty, tx, acc);
     __syncthreads();
   }
-#pragma unroll
-  for (int p = 0; p < 4; ++p)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t i = i0 + ty * 4 + p, c = c0 + tx * 4 + q;
-      if (i < rows && c < n) out[i * os + c] = acc[p][q];
-    }
+  store_tile(acc, out, os, i0 + ty * 4, c0 + tx * 4, rows, n);
 }
 
 }  // namespace
