@@ -99,12 +99,17 @@ class ReferenceLoop:
         self.log.append((step, loss_f.item(), loss_g.item()))  # per-step logging, as the reference loops do
 
 
-def build_teacher(args, device):
+def setup(args):
+    """(device, teacher, model config) for the parsed setup arguments (add_setup_args); sets
+    the CPU threads."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = model_config(args.arch, list(args.shape), width=args.width, depth=args.depth, mults=args.mults)
     torch.manual_seed(0)
     teacher = build_denoiser(cfg).to(device).eval().requires_grad_(False)
     teacher.config_dict = cfg
-    return teacher, cfg
+    return device, teacher, cfg
 
 
 def ipfm_fast_state(teacher, cfg, args, device):
@@ -117,9 +122,8 @@ def ipfm_fast_state(teacher, cfg, args, device):
 def ipfm_fast_loop(teacher, cfg, args, device):
     state = ipfm_fast_state(teacher, cfg, args, device)
     run = distill.step_runner(state)
-    step = lambda i: run(i)  # noqa: E731
-    step.state = state
-    return step
+    run.state = state
+    return run
 
 
 def timed(step_fn, first, iters, device):
@@ -174,7 +178,6 @@ def count_host_syncs(step_fn, step, device):
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step_fn(step)
-            torch.cuda.set_sync_debug_mode("default")
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
@@ -209,10 +212,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>/distill_step.json)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    teacher, cfg = build_teacher(args, device)
+    device, teacher, cfg = setup(args)
     shape = list(args.shape)
 
     ref = ReferenceLoop(teacher, args.D, args.batch, shape)
@@ -235,7 +235,8 @@ def main(argv=None):
         "ipfm_fast_working_memory_mb": fast_peak and fast_peak[1],
         "reference_host_syncs_per_iteration": syncs["reference"],
         "ipfm_fast_host_syncs_per_iteration": syncs["ipfm_fast"],
-        "compiled": fast.state.compiled, "cuda_graph": fast.state.graphed, "channels_last": fast.state.channels_last, "precision": fast.state.precision,
+        "compiled": fast.state.compiled, "cuda_graph": fast.state.graphed, "channels_last": fast.state.channels_last,
+        "precision": fast.state.precision,
         "device": device_name(), "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "network": {"arch": args.arch, "shape": shape, "parameters": count_params(teacher), "config": cfg},
         "batch": args.batch, "D": args.D if math.isfinite(args.D) else "inf", "iterations_per_round": args.iters,

@@ -127,10 +127,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>/distill_profile.json)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    teacher, cfg = e2e.build_teacher(args, device)
+    device, teacher, cfg = e2e.setup(args)
     state = e2e.ipfm_fast_state(teacher, cfg, args, device)
     for step in range(args.warmup):
         distill.train_step(state, step)
@@ -184,7 +181,8 @@ def markdown(r):
              f"{'x'.join(map(str, net['shape']))} ({net['parameters']:,} parameters), batch {r['batch']}, "
              f"{r['precision']}, {'compiled' if r['compiled'] else 'eager'}"
              f"{', channels_last' if r['channels_last'] else ''}; {r['iteration_ms']:.2f} ms per iteration "
-             f"unprofiled. Shares of {r['measure']} under the profiler:",
+             f"unprofiled ({r['date'][:10]}, torch {r['versions']['torch']}). Shares of {r['measure']} under "
+             "the profiler:",
              "", "| part | share | ms per iteration (share x unprofiled time) |", "|---|---|---|"]
     for k in CATEGORIES:
         lines.append(f"| {k} | {100 * r['shares'][k]:.1f}% | {r['ms_per_iteration'][k]:.2f} |")

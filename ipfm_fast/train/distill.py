@@ -406,15 +406,9 @@ def train_step(state, step):
     moved when the generator update was skipped). Returns 0-dim device tensors: reading
     one is a host sync, which the loop does once per log window (:class:`StepStats`)."""
     fakes = [fake_step(state, step, k) for k in range(state.cfg.fake_steps)]
-    stats = {"fake_loss": fakes[0]["fake_loss"], "fake_skipped": fakes[0]["fake_skipped"].long(),
-             "fake_grad_norm": fakes[0]["fake_grad_norm"]}
-    for f in fakes[1:]:
-        stats["fake_loss"] = stats["fake_loss"] + f["fake_loss"]
-        stats["fake_skipped"] = stats["fake_skipped"] + f["fake_skipped"].long()
-        stats["fake_grad_norm"] = stats["fake_grad_norm"] + f["fake_grad_norm"]
-    if len(fakes) > 1:
-        stats["fake_loss"] = stats["fake_loss"] / len(fakes)
-        stats["fake_grad_norm"] = stats["fake_grad_norm"] / len(fakes)
+    stats = {"fake_loss": sum(f["fake_loss"] for f in fakes) / len(fakes),
+             "fake_skipped": sum(f["fake_skipped"].long() for f in fakes),
+             "fake_grad_norm": sum(f["fake_grad_norm"] for f in fakes) / len(fakes)}
     stats.update(generator_step(state, step))
     if state.ema_weight is not None and not state.capturing:  # a captured fill would replay a stale beta
         state.ema_weight.fill_(1.0 - state.ema.beta(step))
