@@ -13,8 +13,9 @@ Every op takes ``backend=`` "auto" | "triton" | "cuda" | "cpu" | "reference";
 
 __version__ = "0.1.0"
 
-from ipfm_fast import reference  # noqa: E402
-from ipfm_fast.backends import BACKENDS, BackendUnavailable  # noqa: E402
+from ipfm_fast import errors, reference  # noqa: E402
+from ipfm_fast.backends import BACKENDS  # noqa: E402
+from ipfm_fast.errors import BackendUnavailable, IpfmError  # noqa: E402
 from ipfm_fast.ops.field_target import field_target  # noqa: E402
 from ipfm_fast.ops.losses import ipfm_fake_loss, ipfm_generator_loss  # noqa: E402
 from ipfm_fast.ops.perturb import perturb, sample_prior  # noqa: E402
@@ -23,9 +24,11 @@ from ipfm_fast.reference import r_to_sigma, sigma_to_r  # noqa: E402
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "IpfmError",
     "field_target",
     "ipfm_fake_loss",
     "ipfm_generator_loss",
+    "errors",
     "perturb",
     "r_to_sigma",
     "reference",

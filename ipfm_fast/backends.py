@@ -13,6 +13,7 @@ import os
 import torch
 
 from ipfm_fast import _ext
+from ipfm_fast.errors import BackendUnavailable  # noqa: F401 - re-exported: ipfm_fast.backends.BackendUnavailable
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -21,10 +22,6 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Triton's launcher, which decides at training sizes (a few MB per call); the GPU check
 # script (benchmarks/gpu_check.sh) measures both.
 GPU_PREFERENCE = ("cuda", "triton")
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot serve this call; the message says why."""
 
 
 def triton_interpreter():
