@@ -67,6 +67,7 @@ import torch.distributed as dist
 
 import ipfm_fast as ipf
 from ipfm_fast import checkpoint as ckpt
+from ipfm_fast.errors import InvalidInput, MissingFile, TrainingDiverged
 from ipfm_fast.models import build_denoiser, count_params, describe
 from ipfm_fast.reference import sample_sigma_distill, sample_sigma_train
 from ipfm_fast.train import common
@@ -126,29 +127,29 @@ class DistillConfig:
 
     def validate(self):
         if self.D is not None and not (isinstance(self.D, (int, float)) and self.D > 0):
-            raise ValueError(f"--D must be a positive number or inf, got {self.D}")
+            raise InvalidInput(f"--D must be a positive number or inf, got {self.D}")
         for name in ("steps", "batch", "fake_steps", "log_every", "checkpoint_every", "max_bad_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise InvalidInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.micro_batch is not None and (self.micro_batch < 1 or self.batch % self.micro_batch):
-            raise ValueError(f"--micro-batch ({self.micro_batch}) must divide --batch ({self.batch})")
+            raise InvalidInput(f"--micro-batch ({self.micro_batch}) must divide --batch ({self.batch})")
         if self.lr <= 0 or (self.lr_fake is not None and self.lr_fake <= 0):
-            raise ValueError(f"--lr and --lr-fake must be > 0, got {self.lr}, {self.lr_fake}")
+            raise InvalidInput(f"--lr and --lr-fake must be > 0, got {self.lr}, {self.lr_fake}")
         if not 0 <= self.ema < 1:
-            raise ValueError(f"--ema must be in [0, 1), got {self.ema}")
+            raise InvalidInput(f"--ema must be in [0, 1), got {self.ema}")
         if not self.sigma_init > 0:
-            raise ValueError(f"--sigma-init must be > 0, got {self.sigma_init}")
+            raise InvalidInput(f"--sigma-init must be > 0, got {self.sigma_init}")
         if not 0 < self.t_max <= 1000:
-            raise ValueError(f"--t-max must be in (0, 1000], got {self.t_max}")
+            raise InvalidInput(f"--t-max must be in (0, 1000], got {self.t_max}")
         if self.eval_every < 0 or (self.eval_samples is not None and self.eval_samples < 1):
-            raise ValueError("--eval-every must be >= 0 and --eval-samples >= 1")
+            raise InvalidInput("--eval-every must be >= 0 and --eval-samples >= 1")
         if self.time_budget is not None and self.time_budget <= 0:
-            raise ValueError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
+            raise InvalidInput(f"--time-budget must be > 0 seconds, got {self.time_budget}")
         if not isinstance(self.cuda_graph, bool):
-            raise ValueError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
+            raise InvalidInput(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
         for name in ("compile", "channels_last"):
             if getattr(self, name) not in SWITCHES:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {SWITCHES}, got {getattr(self, name)!r}")
+                raise InvalidInput(f"--{name.replace('_', '-')} must be one of {SWITCHES}, got {getattr(self, name)!r}")
         return self
 
     def to_json(self):
@@ -208,19 +209,63 @@ def init_distributed(device_spec):
         return Dist(), device
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise InvalidInput(f"this is process {local} of its node (LOCAL_RANK) but the node has "
+                               f"{torch.cuda.device_count()} CUDA device(s): start at most that many processes "
+                               f"per node (torchrun --nproc_per_node)")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
+        # torch.distributed.nn.functional's collectives default to `group=group.WORLD`, a
+        # default evaluated at import. DDP imports that module (through torch._dynamo); if
+        # that happens after init_process_group, ten function defaults keep the process group
+        # alive forever: destroy_process_group cannot free it, its gloo worker threads outlive
+        # the interpreter, and one still releasing a collective's tensors at exit needs the
+        # GIL during finalization -> std::terminate (SIGABRT). Importing it first makes the
+        # defaults None.
+        import torch.distributed.nn  # noqa: F401
+
         dist.init_process_group(backend=backend)
     return Dist(rank=rank, world=world, local_rank=local, backend=backend), device
+
+
+class DistributedRun:
+    """``with DistributedRun(device_spec) as (dctx, device):`` joins the process group when
+    started by torchrun (:func:`init_distributed`) and tears it down on every exit path,
+    so that no collective's worker thread is alive when the interpreter shuts down.
+
+    Tearing down means freeing the process group, which joins its threads: first the
+    run's own references to it (DDP modules, reducers) must be gone. On a normal return
+    they are garbage once the loop's frame ends (``gc.collect()`` breaks module cycles); when
+    an exception propagates its traceback keeps those frames alive, so their locals are
+    cleared first (the traceback still shows every line)."""
+
+    def __init__(self, device_spec):
+        self.device_spec = device_spec
+        self.dctx = None
+
+    def __enter__(self):
+        self.dctx, device = init_distributed(self.device_spec)
+        return self.dctx, device
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.dctx is not None and self.dctx.enabled and dist.is_initialized():
+            import gc
+            import traceback
+
+            if tb is not None:
+                traceback.clear_frames(tb)
+            gc.collect()
+            dist.destroy_process_group()
+        return False
 
 
 def _any(flag, dctx, device):
     """True on every process when ``flag`` is True on any (one all-reduce when distributed)."""
     if not dctx.enabled:
         return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.full((1,), 1.0 if flag else 0.0, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
@@ -427,7 +472,7 @@ class GraphedStep:
 
     def __init__(self, state, warmup=3):
         if not state.graphed:
-            raise ValueError("GraphedStep: build the state with DistillConfig(cuda_graph=True)")
+            raise InvalidInput("GraphedStep: build the state with DistillConfig(cuda_graph=True)")
         self.state, self.warmup, self.done = state, int(warmup), 0
         self.graph, self.stats = None, None
 
@@ -629,8 +674,8 @@ def distill(cfg, *, resume=False, progress=None, log=print, teacher=None, teache
     ``init``: the module whose weights G and the fake network start from (default: the
     teacher)."""
     cfg.validate()
-    with contextlib.ExitStack() as stack:
-        return _distill(cfg, resume=resume, progress=progress, log=log, teacher=teacher,
+    with DistributedRun(cfg.device) as (dctx, device), contextlib.ExitStack() as stack:
+        return _distill(cfg, dctx=dctx, device=device, resume=resume, progress=progress, log=log, teacher=teacher,
                         teacher_meta=teacher_meta, init=init, stack=stack)
 
 
@@ -658,8 +703,8 @@ def _build(cfg, teacher, meta, device, precision, dctx, init=None):
     # fused Adam: one kernel per step on CUDA (a loop of ~10 ops per tensor otherwise, 5x slower on
     # CPU too) and the only Adam that skips an update on the device (found_inf, see _finish_update)
     if cfg.cuda_graph and (device.type != "cuda" or dctx.enabled):
-        raise ValueError("--cuda-graph needs a CUDA device and a single process (DDP's all-reduces are not "
-                         f"captured); got device {device} with {dctx.world} process(es)")
+        raise InvalidInput("--cuda-graph needs a CUDA device and a single process (DDP's all-reduces are not "
+                           f"captured); got device {device} with {dctx.world} process(es)")
     opt_kw = dict(betas=(0.0, cfg.beta2), eps=cfg.eps, fused=True, capturable=bool(cfg.cuda_graph))
     opt_g = torch.optim.Adam(gen_net.parameters(), lr=cfg.lr, **opt_kw)
     opt_f = torch.optim.Adam(fake_net.parameters(), lr=lr_fake, **opt_kw)
@@ -695,33 +740,30 @@ def build_state(cfg, *, teacher=None, teacher_meta=None, init=None, dctx=None, d
     teacher_meta = teacher_meta or {}
     if cfg.D is None:
         if "D" not in teacher_meta:
-            raise ValueError(f"--D is needed: the teacher {cfg.teacher!r} does not record its D")
+            raise InvalidInput(f"--D is needed: the teacher {cfg.teacher!r} does not record its D")
         cfg.D = ckpt.decode_D(teacher_meta["D"])
     if cfg.data is None:
         cfg.data = teacher_meta.get("data") or "digits"
     if cfg.micro_batch is None:
         if cfg.batch % dctx.world:
-            raise ValueError(f"--batch ({cfg.batch}) must be divisible by the number of processes ({dctx.world})")
+            raise InvalidInput(f"--batch ({cfg.batch}) must be divisible by the number of processes ({dctx.world})")
         cfg.micro_batch = cfg.batch // dctx.world
     per_process = cfg.batch // dctx.world
     if cfg.batch % (cfg.micro_batch * dctx.world):
-        raise ValueError(f"--batch ({cfg.batch}) must be a multiple of --micro-batch x processes "
-                         f"({cfg.micro_batch} x {dctx.world})")
+        raise InvalidInput(f"--batch ({cfg.batch}) must be a multiple of --micro-batch x processes "
+                           f"({cfg.micro_batch} x {dctx.world})")
     accum = per_process // cfg.micro_batch
 
     model_cfg, nets = _build(cfg, teacher, teacher_meta, device, precision, dctx, init=init)
     cfg.model = model_cfg or {}
     shape = list(cfg.model.get("shape") or teacher_meta.get("shape") or [])
     if not shape:
-        raise ValueError("distill: the teacher does not record its sample shape")
+        raise InvalidInput("distill: the teacher does not record its sample shape")
     return DistillState(cfg=cfg, D=float(cfg.D), shape=shape, device=device, precision=precision, dctx=dctx,
                         accum=accum, micro=cfg.micro_batch, **nets)
 
 
-def _distill(cfg, *, resume, progress, log, teacher, teacher_meta, init, stack):
-    dctx, device = init_distributed(cfg.device)
-    if dctx.enabled:
-        stack.callback(dist.destroy_process_group)
+def _distill(cfg, *, dctx, device, resume, progress, log, teacher, teacher_meta, init, stack):
     main = dctx.main
     say = log if main else (lambda *a, **k: None)
     precision = common.resolve_precision(cfg.precision, device)
@@ -733,7 +775,7 @@ def _distill(cfg, *, resume, progress, log, teacher, teacher_meta, init, stack):
     saved_meta = None
     if resume:
         if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+            raise MissingFile(f"--resume: no checkpoint at {ckpt_path}")
         _, saved_meta = ckpt.read(ckpt_path)
         saved = DistillConfig.from_json(saved_meta["config"])
         # the recipe comes from the checkpoint; the budget, the device and the outputs may change
@@ -852,7 +894,7 @@ def _distill(cfg, *, resume, progress, log, teacher, teacher_meta, init, stack):
                 warned += 1
             if w["worst_run"] >= cfg.max_bad_steps:
                 save_checkpoint(done, elapsed)
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"distill: {w['worst_run']} iterations in a row had non-finite losses or gradients (seen at "
                     f"iteration {done}: mean finite fake loss {w['fake_loss']}, generator loss {w['gen_loss']}, "
                     f"{w['masked_rows']} masked rows since iteration {first}). The teacher or the networks produce "
