@@ -27,6 +27,7 @@ import torch
 
 from ipfm_fast._files import replacing
 
+from ipfm_fast.errors import BadFile, InvalidInput, MissingFile
 from ipfm_fast.models import build_denoiser
 
 META_KEY = "ipfm_fast"
@@ -34,8 +35,8 @@ DENOISER_FILES = ("teacher.safetensors", "generator.safetensors", "model.safeten
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth")
 
 
-class PickleRefused(ValueError):
-    pass
+class PickleRefused(InvalidInput):
+    """A pickle was named without trust_pickle=True (loading one executes code from it)."""
 
 
 def _atomic_save(tensors, meta, path):
@@ -76,15 +77,15 @@ def read(path):
     from safetensors import safe_open
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint: {path!r} does not exist")
+        raise MissingFile(f"checkpoint: {path!r} does not exist")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file
-        raise ValueError(f"checkpoint: cannot read {path!r} as safetensors ({type(err).__name__}: {err})") from err
+        raise BadFile(f"checkpoint: cannot read {path!r} as safetensors ({type(err).__name__}: {err})") from err
     if META_KEY not in meta:
-        raise ValueError(f"checkpoint: {path!r} has no ipfm_fast metadata (not written by ipfm_fast)")
+        raise BadFile(f"checkpoint: {path!r} has no ipfm_fast metadata (not written by ipfm_fast)")
     return tensors, json.loads(meta[META_KEY])
 
 
@@ -105,9 +106,9 @@ def resolve_denoiser_path(path):
             cand = os.path.join(path, name)
             if os.path.exists(cand):
                 return cand
-        raise FileNotFoundError(f"{path!r} is a folder without a denoiser file (looked for {', '.join(DENOISER_FILES)})")
+        raise MissingFile(f"{path!r} is a folder without a denoiser file (looked for {', '.join(DENOISER_FILES)})")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"denoiser: {path!r} does not exist")
+        raise MissingFile(f"denoiser: {path!r} does not exist")
     return path
 
 
@@ -123,12 +124,12 @@ def load_denoiser(path, *, device="cpu", which="ema", trust_pickle=False):
         return load_pickle(path, trust_pickle=trust_pickle, device=device)
     tensors, meta = read(path)
     if "model" not in meta:
-        raise ValueError(f"checkpoint: {path!r} has no model config")
+        raise BadFile(f"checkpoint: {path!r} has no model config")
     model = build_denoiser(meta["model"])
     if meta.get("kind") == "training":
         names = meta.get("modules", ["model", "ema"])
         if which not in names:
-            raise ValueError(f"{path!r} holds the weights {names}; {which!r} is not one of them")
+            raise InvalidInput(f"{path!r} holds the weights {names}; {which!r} is not one of them")
         state = _unflat(which, tensors)
     else:
         state = _unflat("net", tensors)
@@ -198,20 +199,20 @@ def load_state(path, *, modules, optimizers, generators, device):
     """Restore what :func:`save_state` wrote, in place; returns the metadata (``["step"]``)."""
     tensors, meta = read(path)
     if meta.get("kind") != "training":
-        raise ValueError(f"--resume: {path!r} is not a training checkpoint (kind {meta.get('kind')!r})")
+        raise BadFile(f"--resume: {path!r} is not a training checkpoint (kind {meta.get('kind')!r})")
     for name, module in modules.items():
         state = _unflat(name, tensors, device)
         if not state:
-            raise ValueError(f"--resume: {path!r} has no weights for {name!r} (it holds {meta.get('modules')})")
+            raise BadFile(f"--resume: {path!r} has no weights for {name!r} (it holds {meta.get('modules')})")
         module.load_state_dict(state)
     for name, opt in optimizers.items():
         if name not in meta.get("optimizers", {}):
-            raise ValueError(f"--resume: {path!r} has no optimizer state {name!r}")
+            raise BadFile(f"--resume: {path!r} has no optimizer state {name!r}")
         load_optimizer(opt, _unflat(name, tensors), meta["optimizers"][name], device, prefix="optim/")
     for name, g in generators.items():
         key = f"rng/{name}"
         if key not in tensors:
-            raise ValueError(f"--resume: {path!r} lacks the random state {name!r}")
+            raise BadFile(f"--resume: {path!r} lacks the random state {name!r}")
         g.set_state(tensors[key])
     return meta
 
@@ -267,6 +268,6 @@ def load_pickle(path, *, trust_pickle=False, device="cpu"):
                 obj = obj[key]
                 break
     if not isinstance(obj, torch.nn.Module):
-        raise ValueError(f"{path!r}: expected an nn.Module or a dict with an 'ema' module, got {type(obj).__name__}")
+        raise BadFile(f"{path!r}: expected an nn.Module or a dict with an 'ema' module, got {type(obj).__name__}")
     model = ExternalDenoiser(obj).to(device).eval().requires_grad_(False)
     return model, {"kind": "pickle", "source": os.path.abspath(path)}

@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from ipfm_fast.errors import InvalidInput, IpfmError, MissingFile
+
 
 def add_info(sub):
     p = sub.add_parser("info", help="versions, build flags, backends available and why not",
@@ -182,14 +184,14 @@ def _load_model(args, device):
     if D is None and "config" in meta:
         D = decode_D(meta["config"]["D"])
     if D is None:
-        raise ValueError(f"--D is needed: {args.teacher!r} does not record its augmentation dimension")
+        raise InvalidInput(f"--D is needed: {args.teacher!r} does not record its augmentation dimension")
     shape = args.shape or (meta.get("model") or {}).get("shape")
     if shape is None:
         net = getattr(model, "net", None)
         if hasattr(net, "img_channels") and hasattr(net, "img_resolution"):
             shape = [net.img_channels, net.img_resolution, net.img_resolution]
         else:
-            raise ValueError("--shape C,H,W is needed: the model does not record its sample shape")
+            raise InvalidInput("--shape C,H,W is needed: the model does not record its sample shape")
     arch = (meta.get("model") or {}).get("arch", type(getattr(model, "net", model)).__name__)
     _log(f"model: {arch}, {count_params(model):,} parameters, D = {D:g}, sample shape {list(shape)}")
     return model, meta, D, list(shape)
@@ -220,9 +222,9 @@ def cmd_sample(args):
     from ipfm_fast.train import common
 
     if not args.png and not args.npz:
-        raise ValueError("nothing to write: give --png PATH and/or --npz PATH")
+        raise InvalidInput("nothing to write: give --png PATH and/or --npz PATH")
     if not (0 < args.sigma_min < args.sigma_max):
-        raise ValueError(f"need 0 < --sigma-min < --sigma-max, got {args.sigma_min}, {args.sigma_max}")
+        raise InvalidInput(f"need 0 < --sigma-min < --sigma-max, got {args.sigma_min}, {args.sigma_max}")
     device = common.resolve_device(args.device)
     precision = common.resolve_precision(args.precision, device)
     model, meta, D, shape = _load_model(args, device)
@@ -286,7 +288,7 @@ def cmd_evaluate(args):
     precision = common.resolve_precision(args.precision, device)
     if args.samples:
         if not os.path.exists(args.samples):
-            raise FileNotFoundError(f"--samples: {args.samples!r} does not exist")
+            raise MissingFile(f"--samples: {args.samples!r} does not exist")
         data = load_dataset(args.data or "digits", test_fraction=args.test_fraction)
         cache = args.cache_dir or os.path.dirname(os.path.abspath(args.samples))
         with common.num_threads(1 if device.type == "cpu" else None):
@@ -436,7 +438,7 @@ def cmd_demo(args):
     from ipfm_fast.train.demo import run_demo
 
     if args.threads != "auto":
-        raise ValueError("demo: --threads is chosen per step (1 thread for the small digits networks)")
+        raise InvalidInput("demo: --threads is chosen per step (1 thread for the small digits networks)")
     m = run_demo(args.out, seeds=args.seeds, distill_seconds=args.distill_seconds, distill_steps=args.distill_steps,
                  device=args.device, progress=args.progress, log=_log, publish=args.publish,
                  teacher_dir=args.teacher_dir)
@@ -506,7 +508,7 @@ def main(argv=None):
     handler = dict((name, cmd) for name, _, cmd in COMMANDS)[args.command]
     try:
         return handler(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
+    except IpfmError as err:  # a user's mistake: one line; anything else is a bug and keeps its traceback
         print(f"ipfm-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

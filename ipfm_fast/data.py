@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from ipfm_fast._files import replacing
+from ipfm_fast.errors import BadFile, InvalidInput, MissingFile
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DIGITS_TEST = 360
 SPLIT_SEED = 0
 
 
-class DataError(ValueError):
+class DataError(BadFile):
     """A data source that cannot be used; the message says which file and why."""
 
 
@@ -133,7 +134,7 @@ def _from_arrays(name, images, labels, test_fraction, info, split=None):
     else:
         n = images.shape[0]
         if not 0 < test_fraction < 1:
-            raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
+            raise InvalidInput(f"test_fraction must be in (0, 1), got {test_fraction}")
         test = max(1, int(round(n * test_fraction)))
         if n - test < 1:
             raise DataError(f"{name}: {n} image(s) are too few to split into train and test")
@@ -220,8 +221,8 @@ def load_dataset(spec="digits", *, test_fraction=0.1):
         return _digits()
     spec = os.fspath(spec)
     if not os.path.exists(spec):
-        raise FileNotFoundError(f"data: {spec!r} does not exist (expected 'digits', a folder of PNG/JPEG "
-                                f"images or an .npz file of uint8 images)")
+        raise MissingFile(f"data: {spec!r} does not exist (expected 'digits', a folder of PNG/JPEG "
+                          f"images or an .npz file of uint8 images)")
     if os.path.isdir(spec):
         return _folder(spec, test_fraction)
     if spec.lower().endswith(".npz"):
@@ -238,7 +239,7 @@ def load_images(path):
         return torch.cat([ds.train.floats(), ds.test.floats()])
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"samples: {path!r} does not exist")
+        raise MissingFile(f"samples: {path!r} does not exist")
     try:
         data = np.load(path, allow_pickle=False)
         key = next((k for k in ("x", "images", "arr_0") if k in data), None)

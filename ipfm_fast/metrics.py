@@ -34,6 +34,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ipfm_fast._files import replacing
+from ipfm_fast.errors import InvalidInput
 
 CLASSIFIER_VERSION = 1
 FEATURE_DIM = 64
@@ -47,7 +48,7 @@ def gaussian_stats(feats):
     """(mean [d], covariance [d, d]) in float64 of features [n, d] (unbiased covariance)."""
     f = np.asarray(feats, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"gaussian_stats: need features [n >= 2, d], got shape {f.shape}")
+        raise InvalidInput(f"gaussian_stats: need features [n >= 2, d], got shape {f.shape}")
     return f.mean(0), np.cov(f, rowvar=False)
 
 
@@ -63,7 +64,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"frechet_distance: shapes differ: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
+        raise InvalidInput(f"frechet_distance: shapes differ: mu {mu1.shape} / {mu2.shape}, "
+                           f"sigma {s1.shape} / {s2.shape}")
     r1 = _psd_sqrt(s1)
     m = r1 @ s2 @ r1
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
@@ -84,7 +86,7 @@ def sliced_wasserstein(a, b, *, projections=256, seed=0, levels=None):
     a = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).reshape(len(a), -1).double().cpu()
     b = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b).reshape(len(b), -1).double().cpu()
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"sliced_wasserstein: rows have {a.shape[1]} vs {b.shape[1]} features")
+        raise InvalidInput(f"sliced_wasserstein: rows have {a.shape[1]} vs {b.shape[1]} features")
     g = torch.Generator().manual_seed(int(seed))
     theta = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
     theta /= theta.norm(dim=0, keepdim=True)
@@ -163,15 +165,16 @@ def train_classifier(dataset, *, seed=0, steps=800, batch=128, lr=2e-3, noise=0.
 
 
 def _fit(net, dataset, seed, steps, batch, lr, noise, device, log):
-    from ipfm_fast.train.common import batch_indices
+    from ipfm_fast.train.common import BatchOrder
 
     train = dataset.train.to(device)
+    order = BatchOrder(batch, len(train), seed, device)
     g = torch.Generator(device=device).manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
     net.train()
     for step in range(steps):
-        idx = batch_indices(step, batch, len(train), seed, device=device)
+        idx = order(step)
         x = train.floats(idx)
         x = x + noise * torch.randn(x.shape, generator=g, device=device)
         loss = F.cross_entropy(net(x), train.labels[idx])
@@ -267,8 +270,8 @@ class Evaluator:
         """Metrics of images [n, C, H, W] in [-1, 1] (clipped) against the test split."""
         x = samples.detach().float().cpu().clamp(-1, 1)
         if list(x.shape[1:]) != self.dataset.shape:
-            raise ValueError(f"evaluate: samples have shape {list(x.shape[1:])} but the data set's images are "
-                             f"{self.dataset.shape}")
+            raise InvalidInput(f"evaluate: samples have shape {list(x.shape[1:])} but the data set's images are "
+                               f"{self.dataset.shape}")
         fd = frechet_distance(*gaussian_stats(extract(self.net, x, device=self.device)), *self.test_stats)
         sw = sliced_wasserstein(x, self.test_x, projections=self.sw_projections)
         nn_ratio = float(nearest_distance(x, self.train_x).median()) / self._test_nn

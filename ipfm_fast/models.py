@@ -24,19 +24,21 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ipfm_fast.errors import BadFile, InvalidInput
+
 SIGMA_DATA = 0.5
 
 
 def _sigma_rows(sigma, x):
     """sigma as a float32 tensor [B] on x's device."""
-    if not isinstance(sigma, torch.Tensor):
-        sigma = torch.tensor(float(sigma), device=x.device)
+    if not isinstance(sigma, torch.Tensor):  # filled on the device: torch.tensor(v, device=cuda) is a blocking copy
+        sigma = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
     sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1)
     if sigma.numel() == 1 and x.shape[0] != 1:
         sigma = sigma.expand(x.shape[0])
     if sigma.shape[0] != x.shape[0]:
-        raise ValueError(f"denoiser: sigma must be a float or a tensor [B] with B = {x.shape[0]}, "
-                         f"got shape {tuple(sigma.shape)}")
+        raise InvalidInput(f"denoiser: sigma must be a float or a tensor [B] with B = {x.shape[0]}, "
+                           f"got shape {tuple(sigma.shape)}")
     return sigma
 
 
@@ -174,8 +176,8 @@ class UNet(nn.Module):
 
     def forward(self, x, c_noise):
         if x.dim() != 4 or x.shape[-1] % self.factor or x.shape[-2] % self.factor:
-            raise ValueError(f"UNet: input must be [B, C, H, W] with H, W divisible by {self.factor}, "
-                             f"got {tuple(x.shape)}")
+            raise InvalidInput(f"UNet: input must be [B, C, H, W] with H, W divisible by {self.factor}, "
+                               f"got {tuple(x.shape)}")
         e = F.silu(self.emb(c_noise))
         h = self.inp(x)
         hs = [h]
@@ -217,13 +219,13 @@ def model_config(arch, shape, *, width=None, depth=None, mults=None, sigma_data=
     images. For "unet", ``depth`` = residual blocks per resolution; for "mlp", the number
     of residual blocks."""
     if arch not in ARCHS:
-        raise ValueError(f"model: arch must be one of {ARCHS}, got {arch!r}")
+        raise InvalidInput(f"model: arch must be one of {ARCHS}, got {arch!r}")
     shape = [int(s) for s in shape]
     if arch == "auto":
         arch = "mlp" if math.prod(shape) <= MLP_MAX_VALUES or len(shape) != 3 else "unet"
     if arch == "unet":
         if len(shape) != 3:
-            raise ValueError(f"model: the U-Net needs image rows [C, H, W], got row shape {shape}; use --arch mlp")
+            raise InvalidInput(f"model: the U-Net needs image rows [C, H, W], got row shape {shape}; use --arch mlp")
         cfg = dict(arch="unet", shape=shape, width=int(32 if width is None else width),
                    depth=int(1 if depth is None else depth), mults=[int(m) for m in (mults or default_mults(shape))])
     else:
@@ -232,7 +234,7 @@ def model_config(arch, shape, *, width=None, depth=None, mults=None, sigma_data=
     cfg["sigma_data"] = float(sigma_data)
     for key in ("width", "depth"):
         if cfg[key] < 1:
-            raise ValueError(f"model: {key} must be >= 1, got {cfg[key]}")
+            raise InvalidInput(f"model: {key} must be >= 1, got {cfg[key]}")
     return cfg
 
 
@@ -244,7 +246,7 @@ def build_denoiser(cfg):
     elif arch == "mlp":
         net = MLPNet(math.prod(cfg["shape"]), width=cfg["width"], depth=cfg["depth"])
     else:
-        raise ValueError(f"model: unknown arch {arch!r} in config (expected one of {ARCHS})")
+        raise BadFile(f"model: unknown arch {arch!r} in config (expected one of {ARCHS})")
     return EDMPrecond(net, sigma_data=cfg.get("sigma_data", SIGMA_DATA))
 
 

@@ -18,6 +18,7 @@ import torch
 
 import ipfm_fast as ipf
 from ipfm_fast._files import replacing
+from ipfm_fast.errors import InvalidInput
 from ipfm_fast.reference import RHO, SIGMA_MAX, SIGMA_MIN, sampler_sigmas
 
 
@@ -65,9 +66,9 @@ def sample(model, num, shape, D, *, seed=0, steps=18, batch=500, device="cpu", s
     Heun sampler. Deterministic for a seed, whatever ``batch`` is: the prior is drawn in
     one call from a generator seeded with ``seed`` on ``device``."""
     if num < 1:
-        raise ValueError(f"sample: the number of samples must be >= 1, got {num}")
+        raise InvalidInput(f"sample: the number of samples must be >= 1, got {num}")
     if steps < 1:
-        raise ValueError(f"sample: steps must be >= 1, got {steps}")
+        raise InvalidInput(f"sample: steps must be >= 1, got {steps}")
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(int(seed))
     z = ipf.sample_prior((num, *shape), sigma_max, D, device=device, dtype=torch.float32, generator=g)

@@ -135,3 +135,39 @@ def test_npz_data_without_labels(tmp_path, capsys):
     ev = json.loads((run / "summary.json").read_text())["eval"]
     assert ev["features"] == "random" and ev["n_test"] == 10 and ev["baseline_fd"] >= 0
     assert "30 train / 10 test images of 3x8x8, no labels" in capsys.readouterr().out
+
+
+def test_device_index_is_checked(monkeypatch, capsys):
+    """--device cuda:N with N >= the device count: one line and exit code 2, not a CUDA error."""
+    from ipfm_fast.errors import InvalidInput
+    from ipfm_fast.train import common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert common.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(InvalidInput, match=r"2 CUDA device\(s\) here \(cuda:0 \.\. cuda:1\)"):
+        common.resolve_device("cuda:2")
+    with pytest.raises(InvalidInput, match="must be cpu, cuda, cuda:N or auto"):
+        common.resolve_device("tpu")
+    assert main(["sample", "--teacher", "x", "--png", "x.png", "--device", "cuda:7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ipfm-fast sample: error: --device cuda:7:") and "\n" not in err
+
+
+def test_only_the_projects_errors_become_one_line(monkeypatch, capsys):
+    """A user's mistake (an IpfmError) is one line with exit code 2; any other exception is a
+    bug and keeps its traceback, even a ValueError."""
+    from ipfm_fast import cli
+    from ipfm_fast.errors import InvalidInput
+
+    def boom(exc):
+        def handler(args):
+            raise exc
+        return handler
+
+    monkeypatch.setattr(cli, "COMMANDS", [("info", cli.add_info, boom(InvalidInput("bad value")))])
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err == "ipfm-fast info: error: bad value\n"
+    monkeypatch.setattr(cli, "COMMANDS", [("info", cli.add_info, boom(ValueError("a bug")))])
+    with pytest.raises(ValueError, match="a bug"):
+        main(["info"])

@@ -302,6 +302,53 @@ def test_steady_state_iteration_reads_nothing_back():
     assert mode.reads and "distill.py" in mode.reads[0]
 
 
+class HostCopies(torch.overrides.TorchFunctionMode):
+    """Records tensors built from Python data straight onto a device by ipfm_fast's own code
+    (``torch.tensor(v, device=...)``, ``as_tensor``, ``new_tensor``...): on CUDA each is a
+    blocking host-to-device copy, which breaks set_sync_debug_mode("error") and CUDA-graph
+    capture. Recorded on CPU too, where the same call is harmless, so a CPU test sees it."""
+
+    FACTORIES = ("tensor", "as_tensor", "asarray", "scalar_tensor")
+    PACKAGE = os.path.dirname(os.path.abspath(ipf.__file__)) + os.sep
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        from_data = bool(args) and not isinstance(args[0], torch.Tensor)
+        if (name in self.FACTORIES and from_data and kwargs.get("device") is not None) or name == "new_tensor":
+            import traceback
+
+            frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(self.PACKAGE)]
+            if frames:
+                self.calls.append(f"torch.{name} at {frames[-1].filename}:{frames[-1].lineno}")
+        return func(*args, **kwargs)
+
+
+def test_steady_state_iteration_builds_no_tensor_from_host_data():
+    """No blocking host-to-device copy in an iteration: every per-step tensor is made on the
+    device (torch.full, torch.rand with a device generator, ...)."""
+    teacher, meta = tiny_teacher(4)
+    state = build_state(DistillConfig(teacher="-", micro_batch=8, **TINY), teacher=teacher, teacher_meta=meta,
+                        device="cpu")
+    stats = dl.StepStats(state.device)
+    stats.add(dl.train_step(state, 0))
+    with HostCopies() as mode:
+        for step in (1, 2):
+            stats.add(dl.train_step(state, step))
+    assert mode.calls == []
+    # the detector does see such a call made from the package's code
+    probe = {}
+    exec(compile("import torch\ndef make(): return torch.tensor([2.5], device='cpu')",
+                 os.path.join(HostCopies.PACKAGE, "_probe.py"), "exec"), probe)
+    with HostCopies() as mode:
+        probe["make"]()
+    assert len(mode.calls) == 1 and "_probe.py:2" in mode.calls[0]
+
+
 def test_skipped_update_leaves_weights_optimizer_and_ema_untouched():
     """A non-finite generator loss skips the update inside fused Adam (its found_inf) and
     the EMA, with no host read; the next good iteration updates again."""

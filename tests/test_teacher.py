@@ -124,6 +124,26 @@ def test_ema_warmup_and_decay():
     torch.testing.assert_close(ema.model.weight, 0.1 * (m.weight - 1.0) + 0.9 * m.weight)
 
 
+def test_training_steps_build_no_tensor_from_host_data(tmp_path):
+    """A teacher step makes no blocking host-to-device copy (the batch indices are sliced
+    from a device copy of the epoch's permutation): more steps, no more such calls."""
+    from test_distill import HostCopies
+
+    counts = []
+    for steps in (2, 7):  # batch 32 of 1,437 images: within the first epoch
+        with HostCopies() as mode:
+            train_teacher(TeacherConfig(out=str(tmp_path / str(steps)), steps=steps, **TINY), log=_quiet)
+        counts.append(len(mode.calls))
+    assert counts[0] == counts[1], mode.calls
+
+
+def test_batch_order_matches_batch_indices():
+    n, b = 10, 4
+    order = common.BatchOrder(b, n, 3)
+    for step in range(7):  # crosses epochs 0 -> 1 -> 2
+        assert torch.equal(order(step), common.batch_indices(step, b, n, seed=3))
+
+
 def test_batch_indices_are_epoch_permutations():
     n, b = 10, 4
     idx = torch.cat([common.batch_indices(s, b, n, seed=3) for s in range(5)])  # 20 = two epochs

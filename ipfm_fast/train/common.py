@@ -12,6 +12,7 @@ import time
 import torch
 
 from ipfm_fast._files import replacing
+from ipfm_fast.errors import InvalidInput
 
 # --------------------------------------------------------------------------------------
 # device and precision
@@ -20,15 +21,23 @@ from ipfm_fast._files import replacing
 
 def resolve_device(device):
     """``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"`` (CUDA when available) -> torch.device,
-    with a clear error when CUDA is asked for but absent."""
+    with a clear error when CUDA is asked for but absent or the index does not exist."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available in this environment (torch "
-                         f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's message lists every device type it knows
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise InvalidInput(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInput(f"--device {device}: no CUDA device is available in this environment (torch "
+                               f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise InvalidInput(f"--device {device}: there {'is' if count == 1 else 'are'} {count} CUDA device(s) "
+                               f"here (cuda:0{f' .. cuda:{count - 1}' if count > 1 else ''})")
     return dev
 
 
@@ -37,7 +46,7 @@ def resolve_precision(precision, device):
     if precision in (None, "auto"):
         return "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+        raise InvalidInput(f"--precision must be auto, fp32 or bf16, got {precision!r}")
     return precision
 
 
@@ -75,7 +84,7 @@ def resolve_threads(threads, device, params):
         return 1 if params < SMALL_MODEL_PARAMS else None
     threads = int(threads)
     if threads < 1:
-        raise ValueError(f"--threads must be >= 1 or auto, got {threads}")
+        raise InvalidInput(f"--threads must be >= 1 or auto, got {threads}")
     return threads
 
 
@@ -137,18 +146,51 @@ class EMA:
 # --------------------------------------------------------------------------------------
 
 
+def epoch_permutation(epoch, n, seed):
+    """The order of the ``n`` training rows in ``epoch``: ``randperm(n)`` seeded by (seed, epoch)."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
 def batch_indices(step, batch, n, seed, device=None):
     """Indices of the training rows of ``step``: the stream of per-epoch permutations
-    (epoch e uses ``randperm(n)`` seeded by (seed, e)) cut into consecutive batches.
-    A pure function of its arguments, so resuming needs no data-loader state."""
-    start = step * batch
-    out = []
-    while len(out) < batch:
-        epoch, pos = divmod(start + len(out), n)
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        out.extend(perm[pos: pos + batch - len(out)].tolist())
-    return torch.tensor(out, dtype=torch.long, device=device)
+    (:func:`epoch_permutation`) cut into consecutive batches. A pure function of its
+    arguments, so resuming needs no data-loader state; :class:`BatchOrder` gives the same
+    indices without a host-to-device copy per step."""
+    return BatchOrder(batch, n, seed, device)(step)
+
+
+class BatchOrder:
+    """``order(step)`` = :func:`batch_indices` of ``step`` as a tensor on ``device``, built
+    by slicing device tensors: each epoch's permutation is drawn on the host and copied to
+    the device once (from pinned memory, without blocking the host), so a training step
+    never waits for a copy (``torch.tensor(list, device="cuda")`` would, every step)."""
+
+    def __init__(self, batch, n, seed, device=None):
+        self.batch, self.n, self.seed = int(batch), int(n), int(seed)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._perms = {}  # epoch -> permutation on the device (the current and the next)
+
+    def _perm(self, epoch):
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = epoch_permutation(epoch, self.n, self.seed)
+            if self.device.type == "cuda":
+                perm = perm.pin_memory().to(self.device, non_blocking=True)
+            else:
+                perm = perm.to(self.device)
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = perm
+        return perm
+
+    def __call__(self, step):
+        start, parts, taken = step * self.batch, [], 0
+        while taken < self.batch:
+            epoch, pos = divmod(start + taken, self.n)
+            part = self._perm(epoch)[pos: pos + self.batch - taken]
+            parts.append(part)
+            taken += part.shape[0]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # --------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 import ipfm_fast as ipf
 from ipfm_fast import checkpoint as ckpt
 from ipfm_fast.data import load_dataset
+from ipfm_fast.errors import InvalidInput, MissingFile, TrainingDiverged
 from ipfm_fast.models import build_denoiser, count_params, describe, model_config
 from ipfm_fast.reference import sample_sigma_train
 from ipfm_fast.train import common
@@ -77,21 +78,21 @@ class TeacherConfig:
 
     def validate(self):
         if not (isinstance(self.D, (int, float)) and (self.D > 0)):
-            raise ValueError(f"--D must be a positive number or inf, got {self.D}")
+            raise InvalidInput(f"--D must be a positive number or inf, got {self.D}")
         for name in ("steps", "batch", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise InvalidInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+            raise InvalidInput(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
-            raise ValueError(f"--ema must be in [0, 1), got {self.ema}")
+            raise InvalidInput(f"--ema must be in [0, 1), got {self.ema}")
         if self.target not in ("x", "field"):
-            raise ValueError(f"--target must be 'x' or 'field', got {self.target!r}")
+            raise InvalidInput(f"--target must be 'x' or 'field', got {self.target!r}")
         if self.target == "field" and self.ref_batch < self.batch:
-            raise ValueError(f"--ref-batch ({self.ref_batch}) must be >= --batch ({self.batch}): the reference "
-                             f"batch holds the batch itself plus ref_batch - batch other images")
+            raise InvalidInput(f"--ref-batch ({self.ref_batch}) must be >= --batch ({self.batch}): the reference "
+                               f"batch holds the batch itself plus ref_batch - batch other images")
         if self.eval_samples is not None and self.eval_samples < 0:
-            raise ValueError(f"--eval-samples must be >= 0, got {self.eval_samples}")
+            raise InvalidInput(f"--eval-samples must be >= 0, got {self.eval_samples}")
         return self
 
     def to_json(self):
@@ -147,7 +148,7 @@ def _train_teacher(cfg, *, resume, progress, log, stack):
 
     if resume:
         if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+            raise MissingFile(f"--resume: no checkpoint at {ckpt_path}")
         _, meta = ckpt.read(ckpt_path)
         saved = TeacherConfig.from_json(meta["config"])
         # The run's recipe comes from the checkpoint; only the budget, the device and the
@@ -163,7 +164,7 @@ def _train_teacher(cfg, *, resume, progress, log, stack):
 
     cfg.model = cfg.model or model_config(cfg.arch, data.shape, width=cfg.width, depth=cfg.depth, mults=cfg.mults)
     if list(cfg.model["shape"]) != data.shape:
-        raise ValueError(f"the model expects rows of shape {cfg.model['shape']} but {cfg.data} has {data.shape}")
+        raise InvalidInput(f"the model expects rows of shape {cfg.model['shape']} but {cfg.data} has {data.shape}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_denoiser(cfg.model)
@@ -188,6 +189,7 @@ def _train_teacher(cfg, *, resume, progress, log, stack):
     common.truncate_jsonl(log_path, start if resume else -1)
 
     amp = common.autocast(device, precision)
+    order = common.BatchOrder(cfg.batch, len(train), cfg.seed, device)
     bar = common.progress(cfg.steps, initial=start, desc="train-teacher", enabled=progress)
     t0 = time.perf_counter()
     t_last, n_last, loss_acc, loss_n = t0, 0, torch.zeros((), device=device), 0
@@ -197,7 +199,7 @@ def _train_teacher(cfg, *, resume, progress, log, stack):
             lr = _lr_at(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x = train.floats(common.batch_indices(step, cfg.batch, len(train), cfg.seed, device=device))
+            x = train.floats(order(step))
             loss, _ = teacher_loss(model, x, cfg, gen, train=train, autocast=amp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -217,7 +219,7 @@ def _train_teacher(cfg, *, resume, progress, log, stack):
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
                 jl.log(step=done, loss=mean_loss, images_per_second=ips, lr=lr, images_seen=done * cfg.batch)
                 if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"train-teacher: loss became {mean_loss} at step {done}; lower --lr")
+                    raise TrainingDiverged(f"train-teacher: loss became {mean_loss} at step {done}; lower --lr")
                 t_last, n_last, loss_acc, loss_n = now, 0, torch.zeros((), device=device), 0
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 ckpt.save_training(ckpt_path, model=model, ema=ema.model, optimizer=opt, generators={"train": gen},
