@@ -1,6 +1,7 @@
 """Run by tests/test_ddp.py under torchrun: `ipfm-fast distill ARGS` in this process (with
-``fail`` as the first argument: a planted error at iteration 2), then print the names of
-the threads still alive. A collective's worker thread alive at interpreter shutdown is
+``fail`` as the first argument: a planted error at iteration 2), then write the outcome and
+the names of the threads still alive to $PROBE_DIR/rank<RANK>.txt (one file per rank: two
+processes printing to one pipe can interleave). A collective's worker thread alive at interpreter shutdown is
 what made ranks abort at exit (std::terminate) one run in three."""
 
 import os
@@ -25,4 +26,5 @@ try:
 except RuntimeError as err:
     rc = f"raised {err}"
 threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
-print(f"rank {os.environ['RANK']}: {rc}; threads {threads}", flush=True)
+with open(os.path.join(os.environ["PROBE_DIR"], f"rank{os.environ['RANK']}.txt"), "w") as f:
+    f.write(f"{rc}; threads {threads}\n")
