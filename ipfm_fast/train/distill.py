@@ -55,6 +55,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import importlib
 import math
 import os
 import signal
@@ -223,9 +224,9 @@ def init_distributed(device_spec):
         # alive forever: destroy_process_group cannot free it, its gloo worker threads outlive
         # the interpreter, and one still releasing a collective's tensors at exit needs the
         # GIL during finalization -> std::terminate (SIGABRT). Importing it first makes the
-        # defaults None.
-        import torch.distributed.nn  # noqa: F401
-
+        # defaults None. (importlib: `import torch.distributed.nn` here would make `torch` a
+        # local name of this function.)
+        importlib.import_module("torch.distributed.nn")
         dist.init_process_group(backend=backend)
     return Dist(rank=rank, world=world, local_rank=local, backend=backend), device
 
