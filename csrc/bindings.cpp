@@ -2,6 +2,9 @@
 // so one build serves any torch version. Ops add themselves through ipfm::Registrar.
 #include <pybind11/pybind11.h>
 
+#include <exception>
+#include <stdexcept>
+
 #include "ipfm/registry.h"
 
 #ifndef IPFM_CUDA_SKIP_REASON
@@ -26,4 +29,22 @@ PYBIND11_MODULE(_C, m) {
   m.attr("openmp") = false;
 #endif
   for (auto& bind : ipfm::binders()) bind(m);
+  // The kernels throw std::invalid_argument for a caller's mistake (non-finite sigma, y or
+  // x_ref): raise it as ipfm_fast.errors.InvalidInput (a ValueError) like the Python checks.
+  // The class is looked up on each throw (rare) rather than kept in a static py::object,
+  // whose destructor would run after the interpreter is gone. Local: other pybind11
+  // modules keep their own translation.
+  pybind11::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::invalid_argument& e) {
+      namespace py = pybind11;
+      py::object cls = py::reinterpret_borrow<py::object>(PyExc_ValueError);
+      try {
+        cls = py::module_::import("ipfm_fast.errors").attr("InvalidInput");
+      } catch (py::error_already_set&) {  // not importable (never in practice): a plain ValueError
+      }
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
 }

@@ -8,12 +8,14 @@ built); :func:`resolve` picks one or raises :class:`BackendUnavailable` with eve
 ``cpu`` when the extension is built; float64 inputs and anything else go to ``reference``.
 """
 
+import contextvars
 import os
 
 import torch
 
 from ipfm_fast import _ext
 from ipfm_fast.errors import BackendUnavailable  # noqa: F401 - re-exported: ipfm_fast.backends.BackendUnavailable
+from ipfm_fast.errors import InvalidInput, InvalidType
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -26,6 +28,11 @@ GPU_PREFERENCE = ("cuda", "triton")
 
 def triton_interpreter():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# True inside ipfm_fast.testing.hopper_compile_only(): Triton then takes CPU tensors as
+# stand-ins for device tensors, compiles each launch for sm_90 and runs nothing.
+triton_compile_only = contextvars.ContextVar("ipfm_fast_triton_compile_only", default=False)
 
 
 _triton_error = None
@@ -72,17 +79,17 @@ def why_not(backend, device, dtype, dtypes=FUSED_DTYPES):
         if device.type == "cuda":
             return None
         if device.type == "cpu":
-            if triton_interpreter():
+            if triton_interpreter() or triton_compile_only.get():
                 return None
             return "triton: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing ipfm_fast)"
         return f"triton: serves CUDA tensors, got a {device.type} tensor"
-    raise ValueError(f"backend must be one of 'auto', {', '.join(repr(b) for b in BACKENDS)}; got {backend!r}")
+    raise InvalidInput(f"backend must be one of 'auto', {', '.join(repr(b) for b in BACKENDS)}; got {backend!r}")
 
 
 def resolve(op, backend, device, dtype, dtypes=FUSED_DTYPES):
     """The backend that runs ``op`` for this device/dtype; raises BackendUnavailable."""
     if not isinstance(backend, str):
-        raise TypeError(f"{op}: backend must be a string, got {type(backend).__name__}")
+        raise InvalidType(f"{op}: backend must be a string, got {type(backend).__name__}")
     device = torch.device(device)
     if backend == "auto":
         order = GPU_PREFERENCE if device.type == "cuda" else ("cpu",)

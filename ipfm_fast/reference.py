@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ipfm_fast._checks import check_D, check_generator, check_rows, check_sigma
+from ipfm_fast.errors import InvalidInput, InvalidType
 
 # --------------------------------------------------------------------------------------
 # sigma <-> r
@@ -23,7 +24,7 @@ def sigma_to_r(sigma, D):
     r"""PFGM++ radius :math:`r = \sigma \sqrt D` (D finite). Works on floats and tensors."""
     D = check_D(D, "sigma_to_r")
     if math.isinf(D):
-        raise ValueError("sigma_to_r: r = sigma * sqrt(D) is infinite for D = inf; use sigma directly")
+        raise InvalidInput("sigma_to_r: r = sigma * sqrt(D) is infinite for D = inf; use sigma directly")
     return sigma * math.sqrt(D)
 
 
@@ -31,7 +32,7 @@ def r_to_sigma(r, D):
     r""":math:`\sigma = r / \sqrt D` (D finite), the EDM noise level a PFGM++ network sees."""
     D = check_D(D, "r_to_sigma")
     if math.isinf(D):
-        raise ValueError("r_to_sigma: undefined for D = inf (r is infinite)")
+        raise InvalidInput("r_to_sigma: undefined for D = inf (r is infinite)")
     return r / math.sqrt(D)
 
 
@@ -105,7 +106,7 @@ def perturb_pfgmpp_style(x, sigma, D, *, rng=None):
     check_rows(x, "x", op)
     D = check_D(D, op)
     if math.isinf(D):
-        raise ValueError(f"{op}: the Beta recipe needs a finite D")
+        raise InvalidInput(f"{op}: the Beta recipe needs a finite D")
     rng = np.random.default_rng() if rng is None else rng
     rows, n = x.shape[0], x[0].numel()
     sig = _row_sigma(sigma, rows, x.device, torch.float64, op).cpu().numpy()  # host sync, as in the original
@@ -122,7 +123,7 @@ def sample_prior(shape, sigma, D, *, device=None, dtype=None, generator=None):
     op = "reference.sample_prior"
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1:
-        raise ValueError(f"{op}: shape must have a leading batch dimension, got {shape}")
+        raise InvalidInput(f"{op}: shape must have a leading batch dimension, got {shape}")
     dtype = dtype or torch.get_default_dtype()
     zeros = torch.zeros(shape, device=device, dtype=dtype)
     return perturb(zeros, sigma, D, generator=generator)
@@ -158,7 +159,7 @@ def sampler_sigmas(num_steps=18, *, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rh
     r"""EDM sampling levels :math:`\sigma_0 = \sigma_{max} > \dots > \sigma_{n-1} = \sigma_{min}`,
     then 0: shape [num_steps + 1]."""
     if num_steps < 1:
-        raise ValueError(f"sampler_sigmas: num_steps must be >= 1, got {num_steps}")
+        raise InvalidInput(f"sampler_sigmas: num_steps must be >= 1, got {num_steps}")
     i = torch.arange(num_steps, device=device, dtype=dtype)
     denom = max(num_steps - 1, 1)
     sig = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
@@ -195,9 +196,9 @@ def field_target(y, sigma, x_ref, D, *, return_logz=False):
     check_rows(x_ref, "x_ref", op)
     D = check_D(D, op)
     if tuple(x_ref.shape[1:]) != tuple(y.shape[1:]):
-        raise ValueError(f"{op}: x_ref must have y's trailing shape {tuple(y.shape[1:])}, got {tuple(x_ref.shape)}")
+        raise InvalidInput(f"{op}: x_ref must have y's trailing shape {tuple(y.shape[1:])}, got {tuple(x_ref.shape)}")
     if x_ref.shape[0] == 0:
-        raise ValueError(f"{op}: x_ref must have at least one row (M >= 1)")
+        raise InvalidInput(f"{op}: x_ref must have at least one row (M >= 1)")
     rows, n = y.shape[0], math.prod(y.shape[1:])
     sig = _row_sigma(sigma, rows, y.device, torch.float64, op)
     yf = y.reshape(rows, n).double()
@@ -263,7 +264,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def check_reduction(reduction, op):
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        raise InvalidInput(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     return reduction
 
 
@@ -275,22 +276,22 @@ def check_loss_inputs(op, **tensors):
     for name, t in rest:
         check_rows(t, name, op)
         if t.shape != first.shape:
-            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but {first_name} has shape "
-                             f"{tuple(first.shape)}; they must match")
+            raise InvalidInput(f"{op}: {name} has shape {tuple(t.shape)} but {first_name} has shape "
+                               f"{tuple(first.shape)}; they must match")
         if t.device != first.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+            raise InvalidInput(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
         if t.dtype != first.dtype:
-            raise TypeError(f"{op}: {name} is {t.dtype} but {first_name} is {first.dtype}; pass one dtype")
+            raise InvalidType(f"{op}: {name} is {t.dtype} but {first_name} is {first.dtype}; pass one dtype")
     return first.shape[0]
 
 
 def check_real(value, name, op, *, positive=False):
     """A finite Python number (positive if asked), returned as float."""
     if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a Python float, got {type(value).__name__}")
+        raise InvalidType(f"{op}: {name} must be a Python float, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{op}: {name} must be {'positive and ' if positive else ''}finite, got {value}")
+        raise InvalidInput(f"{op}: {name} must be {'positive and ' if positive else ''}finite, got {value}")
     return value
 
 
@@ -299,16 +300,16 @@ def check_loss_weight(weight, rows, device, op):
     ``device`` (returned as [B])."""
     if isinstance(weight, str):
         if weight != "adaptive":
-            raise ValueError(f"{op}: weight must be 'adaptive' or a tensor of shape [{rows}], got {weight!r}")
+            raise InvalidInput(f"{op}: weight must be 'adaptive' or a tensor of shape [{rows}], got {weight!r}")
         return None
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{op}: weight must be 'adaptive' or a tensor of shape [{rows}], got {type(weight).__name__}")
+        raise InvalidType(f"{op}: weight must be 'adaptive' or a tensor of shape [{rows}], got {type(weight).__name__}")
     if not weight.dtype.is_floating_point:
-        raise TypeError(f"{op}: weight must be a floating-point tensor, got {weight.dtype}")
+        raise InvalidType(f"{op}: weight must be a floating-point tensor, got {weight.dtype}")
     if weight.device != torch.device(device):
-        raise ValueError(f"{op}: weight is on {weight.device} but the inputs are on {device}")
+        raise InvalidInput(f"{op}: weight is on {weight.device} but the inputs are on {device}")
     if weight.dim() < 1 or weight.shape[0] != rows or any(s != 1 for s in weight.shape[1:]):
-        raise ValueError(f"{op}: weight must have shape [{rows}] (one per row), got {tuple(weight.shape)}")
+        raise InvalidInput(f"{op}: weight must have shape [{rows}] (one per row), got {tuple(weight.shape)}")
     return weight.reshape(rows)
 
 
@@ -319,7 +320,7 @@ def _reduce(per_row, reduction, op):
         return per_row.sum()
     if reduction == "none":
         return per_row
-    raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    raise InvalidInput(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive", reduction="mean",

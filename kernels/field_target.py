@@ -34,6 +34,9 @@ import triton.language as tl
 
 CUTOFF = 40.0  # logit gap below which weights are dropped (as csrc/include/ipfm/field_math.h)
 UNIT = 2.0**-24
+# (BM, BN, BK) of the two GEMM-shaped kernels: the same on a GPU and in the interpreter.
+SCREEN_TILE = (64, 64, 32)
+COMBINE_TILE = (32, 128, 32)
 
 
 @triton.jit
@@ -48,10 +51,17 @@ def _norms_kernel(a_ptr, a_stride, out_ptr, n, BLOCK: tl.constexpr, N_LOOP: tl.c
 
 
 @triton.jit
-def _screen_kernel(y_ptr, y_stride, x_ptr, x_stride, s_ptr, rows, m, n,
+def _tile_ids(col_tiles):
+    # 1-D grid of row_tiles * col_tiles programs, column tiles fastest: grid axes 1 and 2
+    # hold at most 65535 programs, which would cap M (screen) or N (combine) at ~4-8M.
+    pid = tl.program_id(0)
+    return pid // col_tiles, pid % col_tiles
+
+
+@triton.jit
+def _screen_kernel(y_ptr, y_stride, x_ptr, x_stride, s_ptr, rows, m, n, col_tiles,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, N_LOOP: tl.constexpr):
-    pid_b = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_b, pid_m = _tile_ids(col_tiles)
     ri = (pid_b * BM + tl.arange(0, BM)).to(tl.int64)
     rj = (pid_m * BN + tl.arange(0, BN)).to(tl.int64)
     rk = tl.arange(0, BK)
@@ -72,9 +82,13 @@ def _log1p64(v):
     return tl.where(w == 1.0, v, tl.log(w) * (v / tl.where(w == 1.0, 1.0, w - 1.0)))
 
 
-@triton.jit
+# n stays a runtime i32 when it is 1 (Triton makes an int argument equal to 1 a constexpr,
+# and n.to() below needs a tensor). The float arguments feed fp64 row math: a plain Python
+# float would be passed as fp32 (D = 0.1 rounded; D > 3.4e38 inf).
+@triton.jit(do_not_specialize=["n"])
 def _finalize_kernel(y_ptr, y_stride, x_ptr, x_stride, s_ptr, logz_ptr, ny_ptr, nx_ptr, sigma_ptr,
-                     m, n, D, coef_l, coef_stat_l, refine_tol, CUT: tl.constexpr,
+                     m, n, D: tl.float64, coef_l: tl.float64, coef_stat_l: tl.float64, refine_tol: tl.float64,
+                     CUT: tl.constexpr,
                      FINITE_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_LOOP: tl.constexpr, N_LOOP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -185,10 +199,9 @@ def _finalize_kernel(y_ptr, y_stride, x_ptr, x_stride, s_ptr, logz_ptr, ny_ptr, 
 
 
 @triton.jit
-def _combine_kernel(w_ptr, x_ptr, x_stride, out_ptr, out_stride, rows, m, n,
+def _combine_kernel(w_ptr, x_ptr, x_stride, out_ptr, out_stride, rows, m, n, col_tiles,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, M_LOOP: tl.constexpr):
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_b, pid_n = _tile_ids(col_tiles)
 
     ri = (pid_b * BM + tl.arange(0, BM)).to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
@@ -244,15 +257,18 @@ def field_target_triton(y, x, out, logz, w, sigma, sigma_scalar, D, refine_tol):
     if sigma is None:  # one fp32 per row: a scalar argument would be rounded the same way
         sigma = torch.full((rows,), sigma_scalar, dtype=torch.float32, device=y.device)
     prec = dot_precision()
-    bm, bn, bk = 64, 64, 32
-    _screen_kernel[(triton.cdiv(rows, bm), triton.cdiv(m, bn))](
-        y, y.stride(0), x, x.stride(0), w, rows, m, n, BM=bm, BN=bn, BK=bk, PREC=prec, N_LOOP=n_loop, num_warps=4)
+    bm, bn, bk = SCREEN_TILE
+    m_tiles = triton.cdiv(m, bn)
+    _screen_kernel[(triton.cdiv(rows, bm) * m_tiles,)](
+        y, y.stride(0), x, x.stride(0), w, rows, m, n, m_tiles, BM=bm, BN=bn, BK=bk, PREC=prec, N_LOOP=n_loop,
+        num_warps=4)
     finite = not math.isinf(D)
     _finalize_kernel[(rows,)](
         y, y.stride(0), x, x.stride(0), w, logz, ny, nx, sigma,
         m, n, float(D) if finite else 0.0, chain_length(n) * UNIT, stat_coef(n), float(refine_tol), CUT=CUTOFF,
         FINITE_D=finite, BLOCK_M=32, BLOCK_N=128, M_LOOP=m_loop, N_LOOP=n_loop, num_warps=4)
-    cbm, cbn, cbk = 32, 128, 32
-    _combine_kernel[(triton.cdiv(rows, cbm), triton.cdiv(n, cbn))](
-        w, x, x.stride(0), out, out.stride(0), rows, m, n, BM=cbm, BN=cbn, BK=cbk, PREC=prec, M_LOOP=m_loop,
+    cbm, cbn, cbk = COMBINE_TILE
+    n_tiles = triton.cdiv(n, cbn)
+    _combine_kernel[(triton.cdiv(rows, cbm) * n_tiles,)](
+        w, x, x.stride(0), out, out.stride(0), rows, m, n, n_tiles, BM=cbm, BN=cbn, BK=cbk, PREC=prec, M_LOOP=m_loop,
         num_warps=4)

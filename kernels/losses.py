@@ -52,7 +52,7 @@ def gen_partial_kernel(
     d = a - b
     term = d * ((a - x) - alpha * d)
     bad = _nonfinite(a) + _nonfinite(b) + _nonfinite(x)
-    out = partial_ptr + pid * 3
+    out = partial_ptr + pid.to(tl.int64) * 3  # pid * 3 in int32 wraps past 715M programs
     tl.store(out, tl.sum(term, axis=0))
     tl.store(out + 1, tl.sum(tl.abs(x - a), axis=0))
     tl.store(out + 2, tl.sum(bad, axis=0))
@@ -67,7 +67,10 @@ def gen_finalize_kernel(
 ):
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     count = tl.zeros([BLOCK_R], dtype=tl.int32)
-    r0 = rows * 0  # a runtime i32, so that the compiled while loop can carry it
+    # Row indices in int64 (a runtime value, so that the compiled while loop can carry it):
+    # r0 + BLOCK_R and 2 * rows wrap in int32 for rows near 2^31 and 2^30.
+    rows64 = rows.to(tl.int64)
+    r0 = rows64 * 0
     while r0 < rows:  # while, not range(): the interpreter cannot range over a runtime int
         r = r0 + tl.arange(0, BLOCK_R)
         live = r < rows
@@ -91,7 +94,7 @@ def gen_finalize_kernel(
         loss = tl.where(keep, w * su, 0.0)
         tl.store(stats_ptr + r, w, mask=live)
         tl.store(stats_ptr + rows + r, u, mask=live)
-        tl.store(stats_ptr + 2 * rows + r, tl.where(keep, 1.0, 0.0), mask=live)
+        tl.store(stats_ptr + 2 * rows64 + r, tl.where(keep, 1.0, 0.0), mask=live)
         if REDUCTION == 0:
             tl.store(loss_ptr + r, loss.to(loss_ptr.dtype.element_ty), mask=live)
         total += tl.where(live, loss, 0.0)
@@ -115,7 +118,7 @@ def gen_backward_kernel(
     pid = tl.program_id(0)
     row = (pid // chunks).to(tl.int64)
     cols = (pid % chunks) * BLOCK + tl.arange(0, BLOCK)
-    keep = tl.load(stats_ptr + 2 * rows + row) != 0.0
+    keep = tl.load(stats_ptr + rows + rows + row) != 0.0  # two i32 steps: 2 * rows wraps past 2^30 rows
     w = tl.load(stats_ptr + row)
     g = tl.load(grad_ptr + row * grad_stride).to(tl.float32)
     c = tl.where(keep, g * scale * w, 0.0)
@@ -162,7 +165,7 @@ def fake_finalize_kernel(
 ):
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     sd2 = sigma_data * sigma_data
-    r0 = rows * 0  # a runtime i32, so that the compiled while loop can carry it
+    r0 = rows.to(tl.int64) * 0  # int64 and runtime, as in gen_finalize_kernel
     while r0 < rows:
         r = r0 + tl.arange(0, BLOCK_R)
         live = r < rows

@@ -14,8 +14,9 @@ C++ kernels' (``csrc/include/ipfm/perturb_math.h``):
   ``CAND`` at a time, the first accepted in counter order wins. Every program of a row
   redraws the same W (a few Philox calls) instead of launching a second kernel.
 
-Tile sizes are chosen by the launcher (ipfm_fast/ops/perturb.py): about 1024 elements per
-program on a GPU; far larger tiles in the interpreter, where each program costs ~0.1 s.
+Tile sizes are chosen by the launcher (ipfm_fast.ops.perturb.triton_tiles): about 1024
+elements per program on a GPU; far larger tiles in the interpreter, where each program
+costs milliseconds (``ipfm_fast.ops._launch.gpu_tiles()`` forces the GPU ones there).
 """
 
 import triton
@@ -70,7 +71,8 @@ def perturb_kernel(
 ):
     """One program: a [ROWS, 4 * BLOCK_G] tile (ROWS > 1 only when rows are short)."""
     pid = tl.program_id(0)
-    rows = (pid // blocks_per_row) * ROWS + tl.arange(0, ROWS)
+    # int64: with ROWS > 1 the row index passes 2^31 for n_rows up to the 2^32 - 1 allowed
+    rows = (pid // blocks_per_row).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     chunk = pid % blocks_per_row
     row_mask = rows < n_rows
     seed = tl.load(seed_ptr)
@@ -85,7 +87,7 @@ def perturb_kernel(
     # A bad sigma in a device tensor cannot raise without a host sync: make the row NaN.
     factor = tl.where((sigma > 0.0) & (sigma < float("inf")), sigma * scale, float("nan"))
 
-    rows64 = rows.to(tl.int64)[:, None]
+    rows64 = rows[:, None]
     group = chunk * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
     n1, n2, n3, n4 = tl.randn4x(seed, rows64 * groups + group)
     g = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [ROWS, 4 * BLOCK_G])

@@ -10,6 +10,7 @@ from scipy import stats
 
 import ipfm_fast as ipf
 from ipfm_fast import _ext, backends
+from ipfm_fast.errors import InvalidInput, InvalidType
 
 from conftest import DEVICES, HAS_CUDA, fused_backends
 
@@ -330,29 +331,38 @@ def test_infinite_D_is_exact(device, backend):
 def test_bad_input(backend):
     x = torch.randn(4, 3)
     cases = [
-        (dict(D=0.0), ValueError, "D must be > 0"),
-        (dict(D=-1.0), ValueError, "D must be > 0"),
-        (dict(D=float("nan")), ValueError, "D must be > 0"),
-        (dict(D=torch.tensor(2.0)), TypeError, "D must be a positive Python float"),
-        (dict(sigma=0.0), ValueError, "sigma must be positive and finite"),
-        (dict(sigma=float("inf")), ValueError, "sigma must be positive and finite"),
-        (dict(sigma=torch.tensor([1.0, -1.0, 1.0, 1.0])), ValueError, "sigma must be positive and finite, got -1.0 in row 1"),
-        (dict(sigma=torch.tensor([1.0, float("nan"), 1.0, 1.0])), ValueError, "sigma must be positive and finite"),
-        (dict(sigma=torch.ones(3)), ValueError, r"sigma must be a float or a tensor of shape \[4\]"),
-        (dict(sigma=torch.ones(4, 2)), ValueError, r"sigma must be a float or a tensor of shape \[4\]"),
-        (dict(sigma=torch.ones(4, device="meta")), ValueError, "sigma is on meta"),
-        (dict(sigma=torch.ones(4, dtype=torch.int64)), TypeError, "sigma must be a floating-point tensor"),
-        (dict(sigma="1"), TypeError, "sigma must be a float or a tensor"),
-        (dict(x=torch.ones(4, 3, dtype=torch.int32)), TypeError, "x must be floating point"),
-        (dict(x=torch.tensor(1.0)), ValueError, "leading batch dimension"),
-        (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
-        (dict(generator="seed"), TypeError, "generator must be a torch.Generator"),
+        (dict(D=0.0), InvalidInput, "D must be > 0"),
+        (dict(D=-1.0), InvalidInput, "D must be > 0"),
+        (dict(D=float("nan")), InvalidInput, "D must be > 0"),
+        (dict(D=torch.tensor(2.0)), InvalidType, "D must be a positive Python float"),
+        (dict(sigma=0.0), InvalidInput, "sigma must be positive and finite"),
+        (dict(sigma=float("inf")), InvalidInput, "sigma must be positive and finite"),
+        (dict(sigma=torch.tensor([1.0, -1.0, 1.0, 1.0])), InvalidInput,
+         "sigma must be positive and finite, got -1.0 in row 1"),
+        (dict(sigma=torch.tensor([1.0, float("nan"), 1.0, 1.0])), InvalidInput, "sigma must be positive and finite"),
+        (dict(sigma=torch.ones(3)), InvalidInput, r"sigma must be a float or a tensor of shape \[4\]"),
+        (dict(sigma=torch.ones(4, 2)), InvalidInput, r"sigma must be a float or a tensor of shape \[4\]"),
+        (dict(sigma=torch.ones(4, device="meta")), InvalidInput, "sigma is on meta"),
+        (dict(sigma=torch.ones(4, dtype=torch.int64)), InvalidType, "sigma must be a floating-point tensor"),
+        (dict(sigma="1"), InvalidType, "sigma must be a float or a tensor"),
+        (dict(x=torch.ones(4, 3, dtype=torch.int32)), InvalidType, "x must be floating point"),
+        (dict(x=torch.tensor(1.0)), InvalidInput, "leading batch dimension"),
+        (dict(x=[1.0, 2.0]), InvalidType, "x must be a torch.Tensor"),
+        (dict(generator="seed"), InvalidType, "generator must be a torch.Generator"),
     ]
     for change, error, match in cases:
         kwargs = dict(x=x, sigma=0.5, D=128.0, backend=backend)
         kwargs.update(change)
         with pytest.raises(error, match=match):
             ipf.perturb(kwargs.pop("x"), kwargs.pop("sigma"), kwargs.pop("D"), **kwargs)
+
+
+@pytest.mark.skipif(_ext._C is None, reason="extension not built")
+def test_bad_sigma_on_the_cpu_backend_is_invalid_input():
+    x = torch.randn(4, 3)
+    with pytest.raises(InvalidInput, match="sigma must be positive and finite, got nan in row 2") as caught:
+        ipf.perturb(x, torch.tensor([1.0, 1.0, float("nan"), 1.0]), 8.0, backend="cpu")
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, ipf.errors.IpfmError)
 
 
 def test_backend_errors_say_why():

@@ -5,11 +5,14 @@
 //   norms_kernel     squared row norms of y and x_ref in fp64 (one block per row),
 //   screen_kernel    S = y x_ref^T, fp32 FFMA ("ieee": no TF32 rounding), 64x64 tiles,
 //                    4x4 outputs per thread, K in steps of 16 through shared memory,
+//                    one block per tile on a 1-D grid (gridDim.y would cap the row tiles
+//                    at 65535, i.e. B at 4.2M),
 //   finalize_kernel  one block per row: best bound (block min), candidates, exact fp64
 //                    distances for the candidates that need them (one warp per entry),
 //                    offsets q - best stored in fp32 over S, log Z (block sum), weights,
-//   combine_kernel   target = W x_ref, fp32 FFMA tiles; a K tile whose 64 x 16 weights are
-//                    all zero skips its x_ref loads and FMAs (__syncthreads_or).
+//   combine_kernel   target = W x_ref, fp32 FFMA tiles (1-D grid too); a K tile whose
+//                    64 x 16 weights are all zero skips its x_ref loads and FMAs
+//                    (__syncthreads_or).
 // Non-finite inputs are not checked (that would need a host sync): they make the row
 // (y) or every row (x_ref) NaN, like the float64 reference.
 #include <cuda_runtime.h>
@@ -99,14 +102,23 @@ norms_kernel(const float* __restrict__ a, int64_t stride, int64_t n, double* __r
   if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
 
-// s[i, j] = sum_k y[i, k] x[j, k]; grid (ceil(m / 64), ceil(rows / 64)).
+// Origin (i0, j0) of this block's output tile on a 1-D grid of row_tiles x col_tiles tiles,
+// column tiles fastest (the order of a 2-D grid with the columns on x).
+__device__ __forceinline__ void tile_origin(int64_t col_tiles, int64_t& i0, int64_t& j0) {
+  const int64_t tile = blockIdx.x;
+  i0 = tile / col_tiles * kTile;
+  j0 = tile % col_tiles * kTile;
+}
+
+// s[i, j] = sum_k y[i, k] x[j, k]; 1-D grid of ceil(rows / 64) * ceil(m / 64) tiles.
 __global__ void __launch_bounds__(kThreads)
 screen_kernel(const float* __restrict__ y, int64_t ys, const float* __restrict__ x, int64_t xs, float* __restrict__ s,
-              int64_t rows, int64_t m, int64_t n) {
+              int64_t rows, int64_t m, int64_t n, int64_t col_tiles) {
   __shared__ float ya[kTileK][kTile + 4];
   __shared__ float xb[kTileK][kTile + 4];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  int64_t i0, j0;
+  tile_origin(col_tiles, i0, j0);
   float acc[4][4] = {};
   for (int64_t k0 = 0; k0 < n; k0 += kTileK) {
     for (int e = threadIdx.x; e < kTile * kTileK; e += kThreads) {
@@ -196,14 +208,15 @@ finalize_kernel(const float* __restrict__ y, int64_t ys, const float* __restrict
   if (threadIdx.x == 0) logz[row] = ok ? static_cast<float>(ref_logit(p, q_ref) + log(z)) : __builtin_nanf("");
 }
 
-// out[i, c] = sum_j w[i, j] x[j, c]; grid (ceil(n / 64), ceil(rows / 64)).
+// out[i, c] = sum_j w[i, j] x[j, c]; 1-D grid of ceil(rows / 64) * ceil(n / 64) tiles.
 __global__ void __launch_bounds__(kThreads)
 combine_kernel(const float* __restrict__ w, const float* __restrict__ x, int64_t xs, float* __restrict__ out,
-               int64_t os, int64_t rows, int64_t m, int64_t n) {
+               int64_t os, int64_t rows, int64_t m, int64_t n, int64_t col_tiles) {
   __shared__ float wa[kTileK][kTile + 4];
   __shared__ float xb[kTileK][kTile + 4];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  int64_t i0, c0;
+  tile_origin(col_tiles, i0, c0);
   float acc[4][4] = {};
   for (int64_t k0 = 0; k0 < m; k0 += kTileK) {
     int nonzero = 0;
@@ -231,7 +244,14 @@ int field_target(uintptr_t y, int64_t ys, uintptr_t x, int64_t xs, uintptr_t out
                  uintptr_t w, uintptr_t norms, int64_t rows, int64_t m, int64_t n, uintptr_t sigma,
                  double sigma_scalar, double D, double refine_tol, int device, uintptr_t stream) {
   if (rows <= 0) return 0;
-  if (m <= 0 || n <= 0 || (rows + kTile - 1) / kTile > 65535) return static_cast<int>(cudaErrorInvalidValue);
+  if (m <= 0 || n <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  // One block per row of y and of x_ref, one per output tile: each a 1-D grid, whose
+  // gridDim.x is at most 2^31 - 1 (ipfm_fast.ops.field_target rejects larger inputs first).
+  constexpr int64_t kMaxBlocks = 0x7fffffff;
+  const int64_t row_tiles = (rows + kTile - 1) / kTile, m_tiles = (m + kTile - 1) / kTile,
+                n_tiles = (n + kTile - 1) / kTile;
+  if (rows > kMaxBlocks || m > kMaxBlocks || m_tiles > kMaxBlocks / row_tiles || n_tiles > kMaxBlocks / row_tiles)
+    return static_cast<int>(cudaErrorInvalidConfiguration);
   DeviceGuard guard(device);
   if (guard.error != cudaSuccess) return static_cast<int>(guard.error);
   auto st = reinterpret_cast<cudaStream_t>(stream);
@@ -242,16 +262,15 @@ int field_target(uintptr_t y, int64_t ys, uintptr_t x, int64_t xs, uintptr_t out
   double* nx = ny + rows;
   norms_kernel<<<static_cast<unsigned>(rows), kThreads, 0, st>>>(yp, ys, n, ny);
   norms_kernel<<<static_cast<unsigned>(m), kThreads, 0, st>>>(xp, xs, n, nx);
-  const auto row_tiles = static_cast<unsigned>((rows + kTile - 1) / kTile);
-  const dim3 screen_grid(static_cast<unsigned>((m + kTile - 1) / kTile), row_tiles);
-  screen_kernel<<<screen_grid, kThreads, 0, st>>>(yp, ys, xp, xs, wp, rows, m, n);
+  screen_kernel<<<static_cast<unsigned>(row_tiles * m_tiles), kThreads, 0, st>>>(yp, ys, xp, xs, wp, rows, m, n,
+                                                                                m_tiles);
   // FFMA chain over all of K per output: the error-bound chain length is n (+ slack).
   const double coef_l = (static_cast<double>(n) + 16.0) * field::kUnit;
   finalize_kernel<<<static_cast<unsigned>(rows), kThreads, 0, st>>>(
       yp, ys, xp, xs, wp, reinterpret_cast<float*>(logz), ny, nx, reinterpret_cast<const float*>(sigma), sigma_scalar,
       m, n, D, coef_l, refine_tol);
-  const dim3 combine_grid(static_cast<unsigned>((n + kTile - 1) / kTile), row_tiles);
-  combine_kernel<<<combine_grid, kThreads, 0, st>>>(wp, xp, xs, reinterpret_cast<float*>(out), os, rows, m, n);
+  combine_kernel<<<static_cast<unsigned>(row_tiles * n_tiles), kThreads, 0, st>>>(
+      wp, xp, xs, reinterpret_cast<float*>(out), os, rows, m, n, n_tiles);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -117,7 +117,7 @@ gen_partial_kernel(const T* __restrict__ a, int64_t a_stride, const T* __restric
   block_sum(acc);
   if (threadIdx.x == 0)
 #pragma unroll
-    for (int k = 0; k < kGenPartials; ++k) partials[blockIdx.x * kGenPartials + k] = acc[k];
+    for (int k = 0; k < kGenPartials; ++k) partials[int64_t{blockIdx.x} * kGenPartials + k] = acc[k];  // 64-bit: > 2^32 / 3 blocks
 }
 
 __global__ void __launch_bounds__(kFinalThreads)

@@ -1,8 +1,12 @@
-"""Host-side helpers shared by the op launchers: row layouts, raw pointers, streams, seeds."""
+"""Host-side helpers shared by the op launchers: row layouts, raw pointers, streams, seeds,
+the device of a Triton launch, and the choice between GPU and interpreter tile sizes."""
+
+import contextlib
+import contextvars
 
 import torch
 
-from ipfm_fast import _ext
+from ipfm_fast import _ext, backends
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ipfm::DType
 
@@ -66,3 +70,33 @@ def seed_as_uint64(seed):
 
 def ext():
     return _ext._C
+
+
+def triton_device(t):
+    """Context for a Triton launch on ``t``'s tensors: Triton launches on the *current* CUDA
+    device (and its current stream), so a tensor on cuda:1 while cuda:0 is current needs
+    cuda:1 made current around the launch. A device switch, no sync; nothing for CPU tensors
+    (the interpreter). The CUDA C++ launchers take the index and switch themselves
+    (csrc/cuda/cuda_api.h DeviceGuard)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+_GPU_TILES = contextvars.ContextVar("ipfm_fast_gpu_tiles", default=None)
+
+
+@contextlib.contextmanager
+def gpu_tiles(enabled=True):
+    """Inside the block the Triton launchers pick the tile sizes of a GPU launch (True) or of
+    the interpreter (False), whatever the mode. Outside: the interpreter's under
+    TRITON_INTERPRET=1 (larger tiles, fewer programs: each costs ~2 ms there), else the GPU's.
+    Tests use it to run the exact GPU constexprs in the interpreter."""
+    token = _GPU_TILES.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _GPU_TILES.reset(token)
+
+
+def use_gpu_tiles():
+    forced = _GPU_TILES.get()
+    return not backends.triton_interpreter() if forced is None else forced

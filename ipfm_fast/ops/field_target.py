@@ -59,7 +59,8 @@ import torch
 
 from ipfm_fast import backends
 from ipfm_fast import reference as ref
-from ipfm_fast._checks import check_D, check_rows, check_sigma
+from ipfm_fast._checks import check_D, check_gpu_sizes, check_rows, check_sigma
+from ipfm_fast.errors import InvalidInput
 from ipfm_fast.ops import _launch
 
 
@@ -88,7 +89,8 @@ def _launch_field(backend, y, x, out, logz, w, sigma, sigma_scalar, D, refine_to
     elif backend == "triton":
         from ipfm_fast.kernels.field_target import field_target_triton
 
-        field_target_triton(y, x, out, logz, w, sigma, sigma_scalar, D, refine_tol)
+        with _launch.triton_device(y):
+            field_target_triton(y, x, out, logz, w, sigma, sigma_scalar, D, refine_tol)
     else:
         raise AssertionError(backend)
 
@@ -178,16 +180,28 @@ def check_inputs(y, sigma, x_ref, D, op):
     check_rows(x_ref, "x_ref", op)
     D = check_D(D, op)
     if x_ref.device != y.device:
-        raise ValueError(f"{op}: x_ref is on {x_ref.device} but y is on {y.device}")
+        raise InvalidInput(f"{op}: x_ref is on {x_ref.device} but y is on {y.device}")
     if tuple(x_ref.shape[1:]) != tuple(y.shape[1:]):
-        raise ValueError(f"{op}: x_ref must have y's trailing shape {tuple(y.shape[1:])} (x_ref is [M, ...]), "
-                         f"got x_ref of shape {tuple(x_ref.shape)}")
+        raise InvalidInput(f"{op}: x_ref must have y's trailing shape {tuple(y.shape[1:])} (x_ref is [M, ...]), "
+                           f"got x_ref of shape {tuple(x_ref.shape)}")
     if x_ref.shape[0] == 0:
-        raise ValueError(f"{op}: x_ref must have at least one row (M >= 1), got shape {tuple(x_ref.shape)}")
+        raise InvalidInput(f"{op}: x_ref must have at least one row (M >= 1), got shape {tuple(x_ref.shape)}")
     if math.prod(y.shape[1:]) == 0:
-        raise ValueError(f"{op}: rows must have at least one element, got y of shape {tuple(y.shape)}")
+        raise InvalidInput(f"{op}: rows must have at least one element, got y of shape {tuple(y.shape)}")
     sigma_t, sigma_f = check_sigma(sigma, y.shape[0], y.device, op)
     return D, sigma_t, sigma_f
+
+
+def check_gpu_limits(op, backend, rows, m, n):
+    """One program per row of y and of x_ref, one per output tile of the two GEMM-shaped
+    kernels ([64, 64] tiles of [B, M]; [32 or 64, 128 or 64] of [B, N]: at most
+    ceil(B / 32) * ceil(N / 64)), each a 1-D grid; 32-bit column indices."""
+    check_gpu_sizes(op, backend, n, {
+        f"B = {rows} rows of y (one program each)": rows,
+        f"M = {m} rows of x_ref (one program each)": m,
+        f"the [B, M] = [{rows}, {m}] tiles": -(-rows // 64) * -(-m // 64),
+        f"the [B, N] = [{rows}, {n}] tiles": -(-rows // 32) * -(-n // 64),
+    })
 
 
 def check_finite(t, name, op):
@@ -196,7 +210,7 @@ def check_finite(t, name, op):
         return
     bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
     if bool(bad.any()):
-        raise ValueError(f"{op}: {name} must be finite (row {int(bad.nonzero()[0, 0])} has NaN or Inf)")
+        raise InvalidInput(f"{op}: {name} must be finite (row {int(bad.nonzero()[0, 0])} has NaN or Inf)")
 
 
 def field_target(y, sigma, x_ref, D, *, return_logz=False, backend="auto"):
@@ -236,15 +250,21 @@ def field_target(y, sigma, x_ref, D, *, return_logz=False, backend="auto"):
     (With ``x_ref = x`` only, the target is the posterior mean over the minibatch.)
 
     Input checks: trailing shapes that differ, M = 0, D <= 0 and non-finite sigma raise
-    ValueError naming the argument; B = 0 returns an empty result. NaN/Inf in y or x_ref
-    raise for CPU tensors; for CUDA tensors checking would need a host sync, so they are
-    not checked and propagate: a non-finite y_i gives a NaN row, a non-finite x_ref row
-    NaN everywhere (as the reference computes it).
+    InvalidInput (a ValueError) naming the argument; B = 0 returns an empty result. NaN/Inf
+    in y or x_ref raise for CPU tensors; for CUDA tensors checking would need a host sync,
+    so they are not checked and propagate: a non-finite y_i gives a NaN row, a non-finite
+    x_ref row NaN everywhere (as the reference computes it).
+
+    Limits of the GPU backends (InvalidInput past them): B, M and N at most 2^31 - 1 each
+    (one program per row of y and of x_ref; 32-bit column indices), and at most 2^31 - 1
+    output tiles per launch, ``ceil(B / 64) * ceil(M / 64)`` and ``ceil(B / 32) *
+    ceil(N / 64)`` (the [B, M] fp32 scratch runs out of memory first).
     """
     op = "field_target"
     D, sigma_t, sigma_f = check_inputs(y, sigma, x_ref, D, op)
     rows, m = y.shape[0], x_ref.shape[0]
     name = backends.resolve(op, backend, y.device, y.dtype)
+    check_gpu_limits(op, name, rows, m, math.prod(y.shape[1:]))
     if name != "cpu":  # the CPU kernel checks finiteness itself, for free, on its row norms
         check_finite(y, "y", op)
         check_finite(x_ref, "x_ref", op)

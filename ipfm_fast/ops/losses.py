@@ -33,7 +33,8 @@ import torch
 
 from ipfm_fast import backends
 from ipfm_fast import reference as ref
-from ipfm_fast._checks import check_sigma
+from ipfm_fast._checks import check_gpu_sizes, check_sigma
+from ipfm_fast.errors import InvalidInput, InvalidType
 from ipfm_fast.ops import _launch
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -102,6 +103,11 @@ def _triton_grid(n):
     return block, -(-n // block), max(1, min(8, block // 256))  # block, chunks per row, warps
 
 
+def _check_gpu_sizes(op, backend, rows, n):
+    # one program per (row, chunk of 2048) on both GPU backends (csrc/cuda/losses.cu kChunk)
+    check_gpu_sizes(op, backend, n, {f"{rows} rows of {n} elements": rows * -(-n // _TRITON_BLOCK)})
+
+
 def _scale(reduction, rows):
     return 1.0 / rows if reduction == "mean" else 1.0
 
@@ -134,12 +140,13 @@ def _launch_gen_forward(backend, a, b, x, weight, alpha, reduction, loss, masked
 
         block, chunks, warps = _triton_grid(n)
         partials = torch.empty(rows * chunks * 3, dtype=torch.float32, device=a.device)
-        gen_partial_kernel[(rows * chunks,)](
-            a, strides[0], b, strides[1], x, strides[2], partials, alpha, n, chunks,
-            BLOCK=block, num_warps=warps)
-        gen_finalize_kernel[(1,)](
-            partials, weight if weight is not None else stats, stats, loss, masked, rows, n, chunks,
-            ADAPTIVE=weight is None, REDUCTION=red, BLOCK_R=min(_TRITON_BLOCK_ROWS, _pow2(rows)), num_warps=4)
+        with _launch.triton_device(a):
+            gen_partial_kernel[(rows * chunks,)](
+                a, strides[0], b, strides[1], x, strides[2], partials, alpha, n, chunks,
+                BLOCK=block, num_warps=warps)
+            gen_finalize_kernel[(1,)](
+                partials, weight if weight is not None else stats, stats, loss, masked, rows, n, chunks,
+                ADAPTIVE=weight is None, REDUCTION=red, BLOCK_R=min(_TRITON_BLOCK_ROWS, _pow2(rows)), num_warps=4)
     else:
         raise AssertionError(backend)
 
@@ -163,11 +170,12 @@ def _launch_gen_backward(backend, grad, a, b, x, stats, alpha, scale, ga, gb, gx
 
         block, chunks, warps = _triton_grid(n)
         any_out = next(g for g in (ga, gb, gx) if g is not None)
-        gen_backward_kernel[(rows * chunks,)](
-            grad, _grad_stride(grad), a, strides[0], b, strides[1], x, strides[2], stats,
-            ga if ga is not None else any_out, gb if gb is not None else any_out,
-            gx if gx is not None else any_out, n, rows, alpha, scale, n, chunks,
-            NEED_A=ga is not None, NEED_B=gb is not None, NEED_X=gx is not None, BLOCK=block, num_warps=warps)
+        with _launch.triton_device(a):
+            gen_backward_kernel[(rows * chunks,)](
+                grad, _grad_stride(grad), a, strides[0], b, strides[1], x, strides[2], stats,
+                ga if ga is not None else any_out, gb if gb is not None else any_out,
+                gx if gx is not None else any_out, n, rows, alpha, scale, n, chunks,
+                NEED_A=ga is not None, NEED_B=gb is not None, NEED_X=gx is not None, BLOCK=block, num_warps=warps)
     else:
         raise AssertionError(backend)
 
@@ -193,12 +201,13 @@ def _launch_fake_forward(backend, b, x, sigma, sigma_scalar, sigma_data, reducti
 
         block, chunks, warps = _triton_grid(n)
         partials = torch.empty(rows * chunks, dtype=torch.float32, device=b.device)
-        fake_partial_kernel[(rows * chunks,)](
-            b, strides[0], x, strides[1], partials, n, chunks, BLOCK=block, num_warps=warps)
-        fake_finalize_kernel[(1,)](
-            partials, sigma if sigma is not None else stats, sigma_scalar, sigma_data, stats, loss, rows, chunks,
-            SIGMA_PER_ROW=sigma is not None, REDUCTION=red, BLOCK_R=min(_TRITON_BLOCK_ROWS, _pow2(rows)),
-            num_warps=4)
+        with _launch.triton_device(b):
+            fake_partial_kernel[(rows * chunks,)](
+                b, strides[0], x, strides[1], partials, n, chunks, BLOCK=block, num_warps=warps)
+            fake_finalize_kernel[(1,)](
+                partials, sigma if sigma is not None else stats, sigma_scalar, sigma_data, stats, loss, rows, chunks,
+                SIGMA_PER_ROW=sigma is not None, REDUCTION=red, BLOCK_R=min(_TRITON_BLOCK_ROWS, _pow2(rows)),
+                num_warps=4)
     else:
         raise AssertionError(backend)
 
@@ -221,10 +230,11 @@ def _launch_fake_backward(backend, grad, b, x, stats, scale, gb, gx):
 
         block, chunks, warps = _triton_grid(n)
         any_out = gb if gb is not None else gx
-        fake_backward_kernel[(rows * chunks,)](
-            grad, _grad_stride(grad), b, strides[0], x, strides[1], stats,
-            gb if gb is not None else any_out, gx if gx is not None else any_out, n, scale, n, chunks,
-            NEED_B=gb is not None, NEED_X=gx is not None, BLOCK=block, num_warps=warps)
+        with _launch.triton_device(b):
+            fake_backward_kernel[(rows * chunks,)](
+                grad, _grad_stride(grad), b, strides[0], x, strides[1], stats,
+                gb if gb is not None else any_out, gx if gx is not None else any_out, n, scale, n, chunks,
+                NEED_B=gb is not None, NEED_X=gx is not None, BLOCK=block, num_warps=warps)
     else:
         raise AssertionError(backend)
 
@@ -436,20 +446,20 @@ def _run_fake(*args):
 
 def _check_sigma(sigma, rows, device, op, kernel_checks_values):
     """_checks.check_sigma, except that the values of a tensor are left to the C++ CPU
-    kernel when it runs (it raises the same ValueError while it reads them, which saves a
+    kernel when it runs (it raises the same InvalidInput while it reads them, which saves a
     pass and a host sync here)."""
     if not (kernel_checks_values and isinstance(sigma, torch.Tensor)):
         return check_sigma(sigma, rows, device, op)
     if not sigma.dtype.is_floating_point:
-        raise TypeError(f"{op}: sigma must be a floating-point tensor, got {sigma.dtype}")
+        raise InvalidType(f"{op}: sigma must be a floating-point tensor, got {sigma.dtype}")
     if sigma.device != torch.device(device):
-        raise ValueError(f"{op}: sigma is on {sigma.device} but the input is on {device}")
+        raise InvalidInput(f"{op}: sigma is on {sigma.device} but the input is on {device}")
     if sigma.dim() == 0:
         return sigma.expand(rows), None
     if sigma.shape[0] == rows and all(s == 1 for s in sigma.shape[1:]):
         return sigma.reshape(rows), None
-    raise ValueError(f"{op}: sigma must be a float or a tensor of shape [{rows}] (one per row), "
-                     f"got shape {tuple(sigma.shape)}")
+    raise InvalidInput(f"{op}: sigma must be a float or a tensor of shape [{rows}] (one per row), "
+                       f"got shape {tuple(sigma.shape)}")
 
 
 def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive", reduction="mean",
@@ -483,6 +493,10 @@ def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive
     get zero gradient. Arithmetic and accumulation are fp32; the loss is float32 (float64
     for float64 inputs), the gradients have the inputs' dtype; results are bitwise
     reproducible run to run.
+
+    Limits of the GPU backends (InvalidInput past them): N <= 2^31 - 1 elements per row
+    (32-bit column indices) and ``B * ceil(N / 2048) <= 2^31 - 1`` programs per launch
+    (about 2^42 elements); the cpu and reference backends have none.
     """
     op = "ipfm_generator_loss"
     a, b = teacher_out, fake_out
@@ -491,6 +505,7 @@ def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive
     weight_t = ref.check_loss_weight(weight, rows, a.device, op)
     ref.check_reduction(reduction, op)
     name = backends.resolve(op, backend, a.device, a.dtype)
+    _check_gpu_sizes(op, name, rows, _row_numel(a))
     if name == "reference" or a.numel() == 0:
         return ref.ipfm_generator_loss(a, b, x, alpha=alpha_f, weight=weight, reduction=reduction,
                                        return_masked=return_masked)
@@ -519,13 +534,15 @@ def ipfm_fake_loss(fake_out, x, sigma, *, sigma_data=0.5, reduction="mean", back
         backend: "auto", "triton", "cuda", "cpu" or "reference".
 
     Returns the loss in float32 (float64 for float64 inputs), accumulated in fp32,
-    bitwise reproducible. Non-finite values are not masked.
+    bitwise reproducible. Non-finite values are not masked. Size limits of the GPU
+    backends: as in :func:`ipfm_generator_loss`.
     """
     op = "ipfm_fake_loss"
     rows = ref.check_loss_inputs(op, fake_out=fake_out, x=x)
     sigma_data_f = ref.check_real(sigma_data, "sigma_data", op, positive=True)
     ref.check_reduction(reduction, op)
     name = backends.resolve(op, backend, fake_out.device, fake_out.dtype)
+    _check_gpu_sizes(op, name, rows, _row_numel(fake_out))
     if name == "reference" or fake_out.numel() == 0:
         return ref.ipfm_fake_loss(fake_out, x, sigma, sigma_data=sigma_data_f, reduction=reduction)
     sigma_t, sigma_f = _check_sigma(sigma, rows, fake_out.device, op, kernel_checks_values=name == "cpu")

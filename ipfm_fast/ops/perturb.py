@@ -19,17 +19,41 @@ import torch
 
 from ipfm_fast import backends
 from ipfm_fast import reference as ref
-from ipfm_fast._checks import check_D, check_generator, check_rows, check_sigma
+from ipfm_fast._checks import check_D, check_generator, check_gpu_sizes, check_rows, check_sigma
+from ipfm_fast.errors import InvalidInput, InvalidType
 from ipfm_fast.ops import _launch
 
 # Philox counters (4 elements each) per Triton program: ~1024 elements on a GPU; in the
-# interpreter each program costs ~0.1 s whatever its size, so tiles are much larger.
+# interpreter each program costs milliseconds whatever its size, so tiles are much larger.
 _TRITON_TILE_G = 256
 _TRITON_TILE_G_INTERPRET = 4096
+_CUDA_ELEMS_PER_BLOCK = 2048  # csrc/cuda/perturb.cu kElemsPerBlock; one row per block
 
 
 def _next_pow2(v):
     return 1 << max(v - 1, 0).bit_length()
+
+
+def triton_tiles(rows, n, gpu=None):
+    """(ROWS, BLOCK_G, blocks_per_row, programs) of the Triton launch for ``rows`` rows of
+    ``n`` elements: tiles of ROWS x 4 * BLOCK_G elements, ROWS > 1 only for short rows.
+    gpu: the GPU tile sizes (True) or the interpreter's (False); None: as
+    :func:`ipfm_fast.ops._launch.use_gpu_tiles` says."""
+    gpu = _launch.use_gpu_tiles() if gpu is None else gpu
+    tile_g = _TRITON_TILE_G if gpu else _TRITON_TILE_G_INTERPRET
+    groups = (n + 3) // 4
+    block_g = min(tile_g, _next_pow2(groups))
+    rows_per_program = min(_next_pow2(rows), max(1, tile_g // block_g))
+    blocks_per_row = -(-groups // block_g)
+    return rows_per_program, block_g, blocks_per_row, -(-rows // rows_per_program) * blocks_per_row
+
+
+def _check_gpu_sizes(op, backend, rows, n):
+    if backend == "triton":
+        programs = triton_tiles(rows, n, gpu=True)[3]  # the GPU grid, also when interpreted
+    else:
+        programs = rows * -(-n // _CUDA_ELEMS_PER_BLOCK)
+    check_gpu_sizes(op, backend, n, {f"{rows} rows of {n} elements": programs})
 
 
 def _alpha(D):
@@ -62,20 +86,16 @@ def _launch_perturb(backend, x, y, noise, sigma, sigma_scalar, D, seed):
     elif backend == "triton":
         from ipfm_fast.kernels.perturb import CAND, perturb_kernel
 
-        groups = (n + 3) // 4
-        tile_g = _TRITON_TILE_G_INTERPRET if backends.triton_interpreter() else _TRITON_TILE_G
-        block_g = min(tile_g, _next_pow2(groups))
-        rows_per_program = min(_next_pow2(rows), max(1, tile_g // block_g))
-        blocks_per_row = -(-groups // block_g)
-        grid = (-(-rows // rows_per_program) * blocks_per_row,)
-        perturb_kernel[grid](
-            x if x is not None else y, x_stride, y, _launch.row_stride(y),
-            noise if noise is not None else y, noise_stride,
-            sigma if sigma is not None else seed, sigma_scalar, alpha, seed,
-            rows, n, groups, blocks_per_row,
-            HAS_X=x is not None, SIGMA_PER_ROW=sigma is not None, WRITE_NOISE=noise is not None,
-            FINITE_D=not math.isinf(D), ROWS=rows_per_program, BLOCK_G=block_g, CAND=CAND,
-        )
+        rows_per_program, block_g, blocks_per_row, programs = triton_tiles(rows, n)
+        with _launch.triton_device(y):
+            perturb_kernel[(programs,)](
+                x if x is not None else y, x_stride, y, _launch.row_stride(y),
+                noise if noise is not None else y, noise_stride,
+                sigma if sigma is not None else seed, sigma_scalar, alpha, seed,
+                rows, n, (n + 3) // 4, blocks_per_row,
+                HAS_X=x is not None, SIGMA_PER_ROW=sigma is not None, WRITE_NOISE=noise is not None,
+                FINITE_D=not math.isinf(D), ROWS=rows_per_program, BLOCK_G=block_g, CAND=CAND,
+            )
     else:
         raise AssertionError(backend)
 
@@ -141,8 +161,9 @@ def _perturb_backward(ctx, grad_y, grad_noise):
     if ctx.needs_input_grad[1]:
         if noise is None:  # regenerate from the counter-based stream instead of storing it
             shape, stride = ctx.layout
-            regenerate = _noise_op if torch.compiler.is_compiling() else _noise_impl
-            noise = regenerate(shape, stride, torch.float32, None, 1.0, ctx.D, seed, ctx.backend)
+            # always the custom op: a backward traced by AOTAutograd sees fake tensors, and torch 2.11
+            # reports is_compiling() False there (the raw-pointer launcher would fail on them)
+            noise = _noise_op(shape, stride, torch.float32, None, 1.0, ctx.D, seed, ctx.backend)
         grad_sigma = (grad_y.float() * noise.float()).reshape(grad_y.shape[0], -1).sum(1)
     return grad_x, grad_sigma, None, None, None, None, None
 
@@ -211,7 +232,7 @@ def _noise_call(*inputs):
 
 def _check_rows_limit(rows, op):
     if rows >= 2**32:
-        raise ValueError(f"{op}: at most 2^32 - 1 rows per call (the row index is a Philox counter word), got {rows}")
+        raise InvalidInput(f"{op}: at most 2^32 - 1 rows per call (the row index is a Philox counter word), got {rows}")
 
 
 def perturb(x, sigma, D, *, generator=None, return_noise=False, backend="auto"):
@@ -241,6 +262,12 @@ def perturb(x, sigma, D, *, generator=None, return_noise=False, backend="auto"):
     The fused backends draw the same numbers for the same seed (Philox4x32-10 with
     Triton's ``randn4x`` mapping, in each row's memory order); the reference uses
     torch's own generators.
+
+    Limits (InvalidInput past them): B <= 2^32 - 1 rows on every backend (the row is a
+    Philox counter word). The GPU backends also need N <= 2^31 - 1 (32-bit column
+    indices) and one launch of at most 2^31 - 1 programs: ``B * ceil(N / 2048)`` blocks on
+    "cuda", ``ceil(B / R) * ceil(N / 1024)`` on "triton" (R > 1 rows per program for rows
+    of at most 512 elements) -- about 2^41 elements; split larger batches.
     """
     op = "perturb"
     check_rows(x, "x", op)
@@ -249,6 +276,8 @@ def perturb(x, sigma, D, *, generator=None, return_noise=False, backend="auto"):
     sigma_t, sigma_f = check_sigma(sigma, x.shape[0], x.device, op)
     _check_rows_limit(x.shape[0], op)
     name = backends.resolve(op, backend, x.device, x.dtype)
+    if name in ("triton", "cuda"):
+        _check_gpu_sizes(op, name, x.shape[0], math.prod(x.shape[1:]))
     if name == "reference":
         return ref.perturb(x, sigma, D, generator=generator, return_noise=return_noise)
     if sigma_t is not None:
@@ -271,15 +300,15 @@ def sample_prior(shape, sigma, D, *, device=None, dtype=None, generator=None, ba
         device, dtype: of the result (defaults: sigma's device or CPU, torch's default dtype).
         generator, backend: as in :func:`perturb`.
 
-    Only the output is written: ``B * N`` elements.
+    Only the output is written: ``B * N`` elements. Size limits: as in :func:`perturb`.
     """
     op = "sample_prior"
     try:
         shape = tuple(int(s) for s in shape)
     except TypeError as err:
-        raise TypeError(f"{op}: shape must be a sequence of ints, got {shape!r}") from err
+        raise InvalidType(f"{op}: shape must be a sequence of ints, got {shape!r}") from err
     if len(shape) < 1 or any(s < 0 for s in shape):
-        raise ValueError(f"{op}: shape must be [B, ...] with non-negative sizes, got {shape}")
+        raise InvalidInput(f"{op}: shape must be [B, ...] with non-negative sizes, got {shape}")
     if device is None:
         device = sigma.device if isinstance(sigma, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
@@ -287,12 +316,14 @@ def sample_prior(shape, sigma, D, *, device=None, dtype=None, generator=None, ba
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = dtype or torch.get_default_dtype()
     if not dtype.is_floating_point:
-        raise TypeError(f"{op}: dtype must be floating point, got {dtype}")
+        raise InvalidType(f"{op}: dtype must be floating point, got {dtype}")
     D = check_D(D, op)
     check_generator(generator, device, op)
     sigma_t, sigma_f = check_sigma(sigma, shape[0], device, op)
     _check_rows_limit(shape[0], op)
     name = backends.resolve(op, backend, device, dtype)
+    if name in ("triton", "cuda"):
+        _check_gpu_sizes(op, name, shape[0], math.prod(shape[1:]))
     if name == "reference":
         return ref.sample_prior(shape, sigma, D, device=device, dtype=dtype, generator=generator)
     if sigma_t is not None:
