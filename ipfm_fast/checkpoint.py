@@ -22,11 +22,11 @@ import json
 import math
 import os
 import pickle
+from dataclasses import dataclass
 
 import torch
 
 from ipfm_fast._files import replacing
-
 from ipfm_fast.errors import BadFile, InvalidInput, MissingFile
 from ipfm_fast.models import build_denoiser
 
@@ -72,6 +72,22 @@ def _unflat(prefix, tensors, device=None):
     return {k[len(p):]: (v if device is None else v.to(device)) for k, v in tensors.items() if k.startswith(p)}
 
 
+def read_meta(path):
+    """The metadata dict of an ipfm_fast safetensors file, without reading its tensors."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise MissingFile(f"checkpoint: {path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+        raise BadFile(f"checkpoint: cannot read {path!r} as safetensors ({type(err).__name__}: {err})") from err
+    if META_KEY not in meta:
+        raise BadFile(f"checkpoint: {path!r} has no ipfm_fast metadata (not written by ipfm_fast)")
+    return json.loads(meta[META_KEY])
+
+
 def read(path):
     """(tensors on CPU, metadata dict) of an ipfm_fast safetensors file."""
     from safetensors import safe_open
@@ -112,12 +128,17 @@ def resolve_denoiser_path(path):
     return path
 
 
+# A distillation checkpoint's modules under the names the teacher's use ("ema": what samples well).
+_GENERATOR_WEIGHTS = {"ema": "generator_ema", "model": "generator"}
+
+
 def load_denoiser(path, *, device="cpu", which="ema", trust_pickle=False):
     """Load a denoiser ``forward(x, sigma) -> x0`` in eval mode, and its metadata.
 
     ``path``: a run folder (uses its teacher/generator/model.safetensors), a denoiser
-    file, a training checkpoint (``which`` = "ema" or "model" picks the weights), or with
-    ``trust_pickle=True`` a pickle holding an EDM-style network (see :func:`load_pickle`).
+    file, a training checkpoint (``which`` = "ema" or "model" picks the weights; in a
+    distillation checkpoint they are the generator's), or with ``trust_pickle=True`` a
+    pickle holding an EDM-style network (see :func:`load_pickle`).
     """
     path = resolve_denoiser_path(os.fspath(path))
     if path.lower().endswith(PICKLE_SUFFIXES):
@@ -128,6 +149,8 @@ def load_denoiser(path, *, device="cpu", which="ema", trust_pickle=False):
     model = build_denoiser(meta["model"])
     if meta.get("kind") == "training":
         names = meta.get("modules", ["model", "ema"])
+        if which not in names and "generator_ema" in names:
+            which = _GENERATOR_WEIGHTS.get(which, which)
         if which not in names:
             raise InvalidInput(f"{path!r} holds the weights {names}; {which!r} is not one of them")
         state = _unflat(which, tensors)
@@ -135,6 +158,60 @@ def load_denoiser(path, *, device="cpu", which="ema", trust_pickle=False):
         state = _unflat("net", tensors)
     model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False), meta
+
+
+ROLES = ("teacher", "generator")
+
+
+@dataclass
+class ModelFile:
+    """A loaded denoiser and what its file says it is. ``role``: "teacher" (a PFGM++
+    denoiser, sampled with the ODE) or "generator" (a one-step generator, evaluated once
+    at ``sigma_init``); ``D`` / ``shape`` / ``data`` are None where the file does not record
+    them (foreign pickles)."""
+
+    model: torch.nn.Module
+    meta: dict
+    path: str
+    role: str
+    D: float | None
+    shape: list | None
+    sigma_init: float | None
+    data: str | None
+    data_id: dict | None
+
+    def describe(self):
+        what = (f"one-step generator (sigma_init {self.sigma_init:g})" if self.role == "generator"
+                else "PFGM++ teacher")
+        D = "unknown" if self.D is None else f"{self.D:g}"
+        return f"{what}, D = {D}, sample shape {self.shape or 'unknown'}, trained on {self.data or 'unknown data'}"
+
+
+def load_model(path, *, device="cpu", which="ema", trust_pickle=False):
+    """:func:`load_denoiser` plus what the file records about the model, as a :class:`ModelFile`."""
+    path = resolve_denoiser_path(os.fspath(path))
+    model, meta = load_denoiser(path, device=device, which=which, trust_pickle=trust_pickle)
+    config = meta.get("config") or {}
+    if meta.get("kind") == "training":
+        generator = "generator_ema" in meta.get("modules", [])
+        role = meta.get("role") or ("generator" if generator else "teacher")
+    else:
+        role = meta.get("role") or ("generator" if "sigma_init" in meta else "teacher")
+    if role not in ROLES:
+        raise BadFile(f"{path!r}: unknown role {role!r} in its metadata (expected one of {ROLES})")
+    D = meta.get("D", config.get("D"))
+    sigma_init = meta.get("sigma_init", config.get("sigma_init")) if role == "generator" else None
+    shape = (meta.get("model") or {}).get("shape")
+    if shape is None:  # an EDM-style pickle records its resolution on the network
+        net = getattr(model, "net", None)
+        if hasattr(net, "img_channels") and hasattr(net, "img_resolution"):
+            shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    if role == "generator" and sigma_init is None:
+        raise BadFile(f"{path!r} is a generator file without its sigma_init")
+    return ModelFile(model=model, meta=meta, path=path, role=role, D=None if D is None else decode_D(D),
+                     shape=None if shape is None else [int(v) for v in shape],
+                     sigma_init=None if sigma_init is None else float(sigma_init),
+                     data=meta.get("data", config.get("data")), data_id=meta.get("data_id"))
 
 
 # --------------------------------------------------------------------------------------

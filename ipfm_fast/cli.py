@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from ipfm_fast.errors import InvalidInput, IpfmError, MissingFile
+from ipfm_fast.errors import Interrupted, InvalidInput, IpfmError, MissingFile
 
 
 def add_info(sub):
@@ -67,7 +67,15 @@ def _int_list(text):
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
+
+
+class _Flatten(argparse.Action):
+    """``nargs="+"`` of :func:`_int_list` values -> one list: the documented ``--mults 1 2 2``
+    and the older ``--mults 1,2,2`` give the same."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [v for part in values for v in part])
 
 
 def _add_runtime(p):
@@ -83,6 +91,45 @@ def _add_runtime(p):
 
 def _log(msg):
     print(msg, flush=True)
+
+
+def _exit_code(summary):
+    """0 for a finished run; 128 + the signal's number (130 SIGINT, 143 SIGTERM) for one a
+    signal stopped after its checkpoint, so a script can tell the two apart."""
+    from ipfm_fast.train.common import EXIT_CODES
+
+    return EXIT_CODES.get((summary or {}).get("stopped"), 0)
+
+
+def _check_resume_flags(args, ckpt_path, resumable, also_free=()):
+    """--resume continues the saved recipe: a recipe flag given with a different value than
+    the checkpoint's would be ignored, so it is refused, naming each one."""
+    from ipfm_fast.checkpoint import decode_D, read_meta
+
+    if not os.path.exists(ckpt_path):
+        return  # the run says there is nothing to resume
+    saved = read_meta(ckpt_path).get("config", {})
+    conflicts = []
+    for dest in sorted(args.given - set(resumable) - set(also_free)):
+        if dest not in saved:
+            continue
+        value, was = getattr(args, dest), saved[dest]
+        if dest == "D":
+            was = decode_D(was)
+        if value != was:
+            conflicts.append(f"--{dest.replace('_', '-')} {_shown(value)} (saved: {_shown(was)})")
+    if conflicts:
+        raise InvalidInput(f"--resume continues the recipe saved in {ckpt_path}; these flags differ from it and "
+                           f"would be ignored: {', '.join(conflicts)}. Drop them, or start a new run (another --out, "
+                           f"or --overwrite)")
+
+
+def _shown(v):
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    if isinstance(v, (list, tuple)):
+        return " ".join(map(str, v))
+    return str(v)
 
 
 # --------------------------------------------------------------------------------------
@@ -105,6 +152,8 @@ def add_train_teacher(sub):
     p.add_argument("--data", default=d.data, help="'digits', a folder of PNG/JPEG images or an .npz of uint8 images")
     p.add_argument("--test-fraction", type=float, default=d.test_fraction,
                    help="held-out fraction for folder/.npz data without a given split (digits: 360 images)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out unreadable image files of a --data folder (each is named) instead of stopping")
     p.add_argument("--out", default=d.out, help="run folder")
     p.add_argument("--D", type=parse_D, default=d.D, help="augmentation dimension: a positive number or inf (EDM)")
     m = p.add_argument_group("model")
@@ -115,10 +164,12 @@ def add_train_teacher(sub):
                    help="MLP width (default 128) or U-Net base channels (default 32)")
     m.add_argument("--depth", type=_positive_int, default=None,
                    help="MLP residual blocks (default 3) or U-Net blocks per resolution (default 1)")
-    m.add_argument("--mults", type=_int_list, default=None, help="U-Net channel multipliers per resolution (default 1,2)")
+    m.add_argument("--mults", type=_int_list, nargs="+", action=_Flatten, default=None,
+                   help="U-Net channel multipliers, one per resolution, e.g. --mults 1 2 2 (default by image size: 1 2 up "
+                        "to 8x8, 1 2 2 up to 16x16, 1 2 2 2 above)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=_positive_int, default=d.steps)
-    o.add_argument("--batch", type=_positive_int, default=d.batch)
+    o.add_argument("--steps", type=_positive_int, default=d.steps, help="training steps (one batch each)")
+    o.add_argument("--batch", type=_positive_int, default=d.batch, help="images per step")
     o.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (after a linear warm-up)")
     o.add_argument("--warmup", type=_nonneg_int, default=d.warmup, help="warm-up steps")
     o.add_argument("--ema", type=float, default=d.ema, help="EMA decay per step (with a short warm-up)")
@@ -129,16 +180,20 @@ def add_train_teacher(sub):
                    help="regression target: the clean batch x, or the reference-batch field target (STF)")
     o.add_argument("--ref-batch", type=_positive_int, default=d.ref_batch,
                    help="reference batch size M for --target field (the batch plus M - batch other images)")
-    o.add_argument("--seed", type=int, default=d.seed)
+    o.add_argument("--seed", type=int, default=d.seed, help="seed of the initial weights, batch order and noise")
     r = p.add_argument_group("checkpoints, logs and evaluation")
     r.add_argument("--resume", action="store_true",
                    help="continue from --out/checkpoint.safetensors (bit-identical on CPU); the recipe comes from "
-                        "the checkpoint, --steps may be raised")
-    r.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
+                        "the checkpoint: only the budget (--steps), the device and the output settings may be given")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out folder that already holds a run (its checkpoint is deleted)")
+    r.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every,
+                   help="steps between checkpoints (one is also written at the end and on SIGINT/SIGTERM)")
     r.add_argument("--log-every", type=_positive_int, default=d.log_every, help="steps per log.jsonl line")
     r.add_argument("--eval-samples", type=_nonneg_int, default=None,
                    help="samples for the final evaluation (default: the training split's size; 0: skip)")
-    r.add_argument("--eval-steps", type=_positive_int, default=d.eval_steps, help="Heun steps (NFE = 2 steps - 1)")
+    r.add_argument("--eval-steps", type=_positive_int, default=d.eval_steps,
+                   help="Heun steps of the final evaluation and samples.png (NFE = 2 steps - 1)")
     _add_runtime(p)
 
 
@@ -152,9 +207,15 @@ def cmd_train_teacher(args):
         device=args.device, precision=args.precision, threads=args.threads,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, eval_samples=args.eval_samples,
         eval_steps=args.eval_steps, test_fraction=args.test_fraction)
-    summary = train_teacher(cfg, resume=args.resume, progress=args.progress, log=_log)
+    if args.resume:
+        from ipfm_fast.train.teacher import RESUMABLE
+
+        _check_resume_flags(args, os.path.join(args.out, "checkpoint.safetensors"), RESUMABLE,
+                            also_free=("resume", "progress", "skip_bad_images", "test_fraction"))
+    summary = train_teacher(cfg, resume=args.resume, overwrite=args.overwrite, skip_bad_images=args.skip_bad_images,
+                            progress=args.progress, log=_log)
     print(f"summary: {os.path.join(args.out, 'summary.json')}")
-    return 0 if summary else 1
+    return _exit_code(summary)
 
 
 # --------------------------------------------------------------------------------------
@@ -164,83 +225,131 @@ def cmd_train_teacher(args):
 
 def _add_model_source(p):
     p.add_argument("--teacher", required=True,
-                   help="run folder, teacher.safetensors, a training checkpoint, or (with --trust-pickle) a .pkl/.pt")
+                   help="what to sample: a run folder (teacher or distill run), teacher.safetensors, "
+                        "generator.safetensors, a training checkpoint, or (with --trust-pickle) a .pkl/.pt network")
     p.add_argument("--weights", default="ema",
-                   help="which weights of a training checkpoint: ema (default; samples well) or model (the online "
+                   help="which weights of a training checkpoint: ema (samples well) or model (the online "
                         "weights, which do not)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickle (.pkl/.pt): this EXECUTES CODE from the file; only for trusted files")
-    p.add_argument("--D", type=parse_D, default=None, help="augmentation dimension (default: the checkpoint's)")
-    p.add_argument("--shape", type=_int_list, default=None,
-                   help="one sample's shape C,H,W (default: the checkpoint's; needed for pickles without it)")
+    p.add_argument("--D", type=parse_D, default=None,
+                   help="augmentation dimension: only for files that do not record it (pickles); default: the "
+                        "file's")
+    p.add_argument("--shape", type=_int_list, nargs="+", action=_Flatten, default=None,
+                   help="one sample's shape C H W: only for files that do not record it (pickles)")
 
 
 def _load_model(args, device):
-    from ipfm_fast.checkpoint import decode_D, load_denoiser
+    """The model file (:class:`ipfm_fast.checkpoint.ModelFile`) with its D and shape: taken
+    from the file; --D / --shape only fill in what a foreign pickle does not record, and
+    are refused when they contradict the file."""
+    from ipfm_fast.checkpoint import load_model
     from ipfm_fast.models import count_params
 
-    model, meta = load_denoiser(args.teacher, device=device, which=args.weights, trust_pickle=args.trust_pickle)
-    D = args.D if args.D is not None else (decode_D(meta["D"]) if "D" in meta else None)
-    if D is None and "config" in meta:
-        D = decode_D(meta["config"]["D"])
-    if D is None:
+    mf = load_model(args.teacher, device=device, which=args.weights, trust_pickle=args.trust_pickle)
+    if args.D is not None:
+        if mf.D is not None and args.D != mf.D:
+            raise InvalidInput(f"--D {args.D:g} contradicts {mf.path}, which was trained at D = {mf.D:g} (its prior "
+                               f"and its field depend on D); drop --D")
+        mf.D = args.D
+    if mf.D is None:
         raise InvalidInput(f"--D is needed: {args.teacher!r} does not record its augmentation dimension")
-    shape = args.shape or (meta.get("model") or {}).get("shape")
-    if shape is None:
-        net = getattr(model, "net", None)
-        if hasattr(net, "img_channels") and hasattr(net, "img_resolution"):
-            shape = [net.img_channels, net.img_resolution, net.img_resolution]
-        else:
-            raise InvalidInput("--shape C,H,W is needed: the model does not record its sample shape")
-    arch = (meta.get("model") or {}).get("arch", type(getattr(model, "net", model)).__name__)
-    _log(f"model: {arch}, {count_params(model):,} parameters, D = {D:g}, sample shape {list(shape)}")
-    return model, meta, D, list(shape)
+    if args.shape is not None:
+        if mf.shape is not None and list(args.shape) != mf.shape:
+            raise InvalidInput(f"--shape {' '.join(map(str, args.shape))} contradicts {mf.path}, whose samples are "
+                               f"{mf.shape}; drop --shape")
+        mf.shape = list(args.shape)
+    if mf.shape is None:
+        raise InvalidInput("--shape C H W is needed: the model does not record its sample shape")
+    arch = (mf.meta.get("model") or {}).get("arch", type(getattr(mf.model, "net", mf.model)).__name__)
+    _log(f"model: {mf.describe()}; {arch}, {count_params(mf.model):,} parameters")
+    return mf
+
+
+def _refuse_sampler_flags(args, mf, flags=("steps", "sigma_max", "sigma_min", "rho")):
+    """A one-step generator has no sampler settings: refuse them rather than ignore them."""
+    given = [f"--{f.replace('_', '-')}" for f in flags if f in args.given]
+    if mf.role == "generator" and given:
+        raise InvalidInput(f"{mf.path} is a one-step generator: it samples in 1 NFE from its sigma_init = "
+                           f"{mf.sigma_init:g}; {', '.join(given)} (the teacher's ODE sampler) do not apply")
 
 
 def add_sample(sub):
     p = sub.add_parser(
-        "sample", help="sample a teacher with the Heun ODE (18 steps = 35 NFE); PNG grid and/or .npz",
-        description="Heun ODE in sigma (EDM) from the PFGM++ prior at sigma_max; deterministic for a seed.",
+        "sample", help="sample a teacher (Heun ODE, 18 steps = 35 NFE) or a one-step generator (1 NFE); PNG grid "
+                       "and/or .npz",
+        description="A teacher (teacher.safetensors, a train-teacher run) is sampled with EDM's Heun ODE in sigma "
+                    "from the PFGM++ prior at --sigma-max; a one-step generator (generator.safetensors, a distill "
+                    "run) is evaluated once at its recorded sigma_init, from the prior at that level. Deterministic "
+                    "for a seed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_source(p)
     p.add_argument("--num", type=_positive_int, default=100, help="number of samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=_positive_int, default=18, help="Heun steps (NFE = 2 steps - 1)")
-    p.add_argument("--sigma-max", type=float, default=80.0)
-    p.add_argument("--sigma-min", type=float, default=0.002)
-    p.add_argument("--rho", type=float, default=7.0)
-    p.add_argument("--batch", type=_positive_int, default=1000, help="samples per sampler batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prior draw (same seed, same samples)")
+    g = p.add_argument_group("teacher sampler (not for one-step generators)")
+    g.add_argument("--steps", type=_positive_int, default=18, help="Heun steps (NFE = 2 steps - 1)")
+    g.add_argument("--sigma-max", type=float, default=80.0, help="noise level of the prior the ODE starts from")
+    g.add_argument("--sigma-min", type=float, default=0.002, help="last noise level before the final step to 0")
+    g.add_argument("--rho", type=float, default=7.0, help="EDM's time-step spacing exponent")
+    p.add_argument("--batch", type=_positive_int, default=1000, help="samples per network batch")
     p.add_argument("--png", default=None, help="write a grid of (up to 400) samples here")
     p.add_argument("--npz", default=None, help="write all samples here (uint8 x [N, H, W, C] and float x_float)")
     _add_runtime(p)
 
 
+def _generate_or_sample(mf, num, *, seed, device, precision, batch, progress=None, steps=18, sigma_max=80.0,
+                        sigma_min=0.002, rho=7.0):
+    """num samples of a model file: 1 NFE from sigma_init for a generator, the Heun ODE for a
+    teacher. Returns (samples, NFE)."""
+    from ipfm_fast.sampling import nfe, sample
+    from ipfm_fast.train import common
+    from ipfm_fast.train.distill import generate
+
+    amp = lambda: common.autocast(device, precision)  # noqa: E731
+    if mf.role == "generator":
+        x = generate(mf.model, num, mf.shape, mf.D, mf.sigma_init, seed=seed, device=device, batch=batch, autocast=amp)
+        if progress is not None:
+            progress.update(num)
+        return x, 1
+    return sample(mf.model, num, mf.shape, mf.D, seed=seed, steps=steps, batch=batch, device=device,
+                  sigma_max=sigma_max, sigma_min=sigma_min, rho=rho, autocast=amp, progress=progress), nfe(steps)
+
+
 def cmd_sample(args):
+    from ipfm_fast._files import check_writable
     from ipfm_fast.data import save_grid
     from ipfm_fast.models import count_params
-    from ipfm_fast.sampling import nfe, sample, save_npz
+    from ipfm_fast.sampling import nfe, save_npz
     from ipfm_fast.train import common
 
     if not args.png and not args.npz:
         raise InvalidInput("nothing to write: give --png PATH and/or --npz PATH")
     if not (0 < args.sigma_min < args.sigma_max):
         raise InvalidInput(f"need 0 < --sigma-min < --sigma-max, got {args.sigma_min}, {args.sigma_max}")
+    for path, name in ((args.png, "--png"), (args.npz, "--npz")):
+        if path:
+            check_writable(path, what=name)
     device = common.resolve_device(args.device)
     precision = common.resolve_precision(args.precision, device)
-    model, meta, D, shape = _load_model(args, device)
-    with common.num_threads(common.resolve_threads(args.threads, device, count_params(model))):
-        bar = common.progress(args.num, desc=f"sample ({nfe(args.steps)} NFE)", enabled=args.progress)
+    mf = _load_model(args, device)
+    _refuse_sampler_flags(args, mf)
+    steps = 1 if mf.role == "generator" else args.steps
+    with common.num_threads(common.resolve_threads(args.threads, device, count_params(mf.model))):
+        label = "1 NFE" if mf.role == "generator" else f"{nfe(steps)} NFE"
+        bar = common.progress(args.num, desc=f"sample ({label})", enabled=args.progress)
         t0 = time.perf_counter()
-        x = sample(model, args.num, shape, D, seed=args.seed, steps=args.steps, batch=args.batch, device=device,
-                   sigma_max=args.sigma_max, sigma_min=args.sigma_min, rho=args.rho,
-                   autocast=lambda: common.autocast(device, precision), progress=bar)
+        x, n_fe = _generate_or_sample(mf, args.num, seed=args.seed, device=device, precision=precision,
+                                      batch=args.batch, progress=bar, steps=steps, sigma_max=args.sigma_max,
+                                      sigma_min=args.sigma_min, rho=args.rho)
         bar.close()
         dt = time.perf_counter() - t0
-    _log(f"{args.num} samples at {nfe(args.steps)} NFE in {dt:.1f} s ({args.num / dt:.0f} images/s)")
+    how = f"from sigma_init = {mf.sigma_init:g}" if mf.role == "generator" else f"from sigma_max = {args.sigma_max:g}"
+    _log(f"{args.num} samples at {n_fe} NFE {how} in {dt:.1f} s ({args.num / max(dt, 1e-9):.0f} images/s)")
     if args.png:
         _log(f"grid -> {save_grid(x[:400], args.png)}")
     if args.npz:
-        _log(f"samples -> {save_npz(args.npz, x, seed=args.seed, nfe=nfe(args.steps), D=D)}")
+        saved = save_npz(args.npz, x, seed=args.seed, nfe=n_fe, D=mf.D, role=mf.role, model=mf.path, data=mf.data)
+        _log(f"samples -> {saved}")
     return 0
 
 
@@ -251,66 +360,100 @@ def cmd_sample(args):
 
 def add_evaluate(sub):
     p = sub.add_parser(
-        "evaluate", help="Frechet distance (classifier features) and sliced Wasserstein vs the test split",
-        description="Score a teacher (sampled with the Heun ODE, one sample set per seed) or an .npz of samples "
-                    "against the data set's held-out split: Frechet distance in the feature space of a small "
-                    "classifier trained deterministically on the training split (cached in --cache-dir), and "
-                    "pixel-space sliced Wasserstein-2. Always prints the train-vs-test data baseline.",
+        "evaluate", help="Frechet distance and sliced Wasserstein of a model's samples (or an .npz) vs the test split",
+        description="Score a teacher (sampled with the Heun ODE, one sample set per seed), a one-step generator "
+                    "(1 NFE from its sigma_init) or an .npz of samples against the data set's held-out split: "
+                    "Frechet distance in the feature space of a small classifier trained deterministically on the "
+                    "training split (cached in --cache-dir; a data set without class labels only has random-network "
+                    "features, which every score then says), and pixel-space sliced Wasserstein-2. Always prints "
+                    "the train-vs-test data baseline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--teacher", help="run folder or denoiser file to sample (see `ipfm-fast sample --help`)")
+    src.add_argument("--teacher", help="model to sample: a teacher or generator file or run folder (as in `sample`)")
     src.add_argument("--samples", help=".npz of samples (uint8 x [N, H, W, C], as `sample --npz` writes)")
     p.add_argument("--weights", default="ema",
-                   help="which weights of a training checkpoint: ema (default) or model (online weights)")
+                   help="which weights of a training checkpoint: ema or model (online weights)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickle (.pkl/.pt): this EXECUTES CODE from the file; only for trusted files")
-    p.add_argument("--D", type=parse_D, default=None, help="augmentation dimension (default: the checkpoint's)")
-    p.add_argument("--shape", type=_int_list, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--data", default=None, help="data set to compare with (default: the checkpoint's, else digits)")
+    p.add_argument("--D", type=parse_D, default=None,
+                   help="augmentation dimension: only for files that do not record it (pickles)")
+    p.add_argument("--shape", type=_int_list, nargs="+", action=_Flatten, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--data", default=None,
+                   help="data set to compare with (default: the one the model or the samples record, else digits)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="as in train-teacher")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out unreadable image files of a --data folder (each is named) instead of stopping")
     p.add_argument("--seeds", type=_positive_int, default=5, help="sampling seeds 0..N-1 (mean and spread reported)")
-    p.add_argument("--num", type=_positive_int, default=None, help="samples per seed (default: training split size)")
-    p.add_argument("--steps", type=_positive_int, default=18, help="Heun steps (NFE = 2 steps - 1)")
+    p.add_argument("--num", type=_positive_int, default=None,
+                   help="samples per seed (default: the training split's size, the baseline's sample count)")
+    p.add_argument("--steps", type=_positive_int, default=18, help="teacher's Heun steps (NFE = 2 steps - 1)")
     p.add_argument("--cache-dir", default=None,
-                   help="where the FD classifier is cached (default: the teacher's run folder, or next to --samples)")
+                   help="where the FD classifier is cached (default: the model's run folder, or next to --samples)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
     _add_runtime(p)
 
 
+def _check_data_matches(data, shape, what, recorded=None):
+    """Scores compare like with like: the samples' shape must be the data's, and a model
+    scored against other data than it was trained on is said so."""
+    if list(shape) != data.shape:
+        raise InvalidInput(f"{what} makes samples of shape {list(shape)} but the data set {data.name} has images of "
+                           f"{data.shape}: give the data it was trained on (--data)")
+    if recorded and recorded.get("fingerprint") not in (None, data.fingerprint()):
+        _log(f"warning: {what} was trained on {recorded.get('name')} (fingerprint {recorded.get('fingerprint')}) "
+             f"but is scored against {data.name} ({data.fingerprint()})")
+
+
 def cmd_evaluate(args):
+    from ipfm_fast._files import check_writable
     from ipfm_fast.data import load_dataset, load_images
     from ipfm_fast.metrics import Evaluator, summarize
     from ipfm_fast.models import count_params
+    from ipfm_fast.sampling import read_npz_meta
     from ipfm_fast.train import common
+    from ipfm_fast.train.distill import evaluate_generator
     from ipfm_fast.train.teacher import evaluate_denoiser
 
+    if args.json_out:
+        check_writable(args.json_out, what="--json")
     device = common.resolve_device(args.device)
     precision = common.resolve_precision(args.precision, device)
+    load = dict(test_fraction=args.test_fraction, skip_bad_images=args.skip_bad_images, log=_log)
     if args.samples:
         if not os.path.exists(args.samples):
             raise MissingFile(f"--samples: {args.samples!r} does not exist")
-        data = load_dataset(args.data or "digits", test_fraction=args.test_fraction)
+        x = load_images(args.samples)  # before the data and its classifier: a wrong shape fails at once
+        made = read_npz_meta(args.samples) if os.path.isfile(args.samples) else {}
+        data = load_dataset(args.data or made.get("data") or "digits", **load)
+        _check_data_matches(data, x.shape[1:], f"--samples {args.samples}")
         cache = args.cache_dir or os.path.dirname(os.path.abspath(args.samples))
         with common.num_threads(1 if device.type == "cpu" else None):
             ev = Evaluator(data, cache, device=device, log=_log)
-            res = ev.score(load_images(args.samples))
+            res = ev.score(x)
         res = {"fd": summarize([res["fd"]]), "sw": summarize([res["sw"]]), **{k: v for k, v in res.items()
                                                                               if k not in ("fd", "sw")}}
         _log(f"FD: {res['fd']['mean']:.3f} (data baseline {res['baseline_fd']:.3f}, ratio "
-             f"{res['fd']['mean'] / res['baseline_fd']:.2f}x) | SW: {res['sw']['mean']:.4f} "
+             f"{res['fd']['mean'] / res['baseline_fd']:.2f}x) in {ev.feature_space()} | SW: {res['sw']['mean']:.4f} "
              f"(baseline {res['baseline_sw']:.4f}) | {res['n']} samples vs {res['n_test']} test images")
+        ev.warn_sample_count(res["n"], _log)
     else:
-        model, meta, D, shape = _load_model(args, device)
-        data_spec = args.data or meta.get("data") or (meta.get("config") or {}).get("data") or "digits"
-        data = load_dataset(data_spec, test_fraction=args.test_fraction)
+        mf = _load_model(args, device)
+        _refuse_sampler_flags(args, mf, flags=("steps",))
+        data = load_dataset(args.data or mf.data or "digits", **load)
+        _check_data_matches(data, mf.shape, mf.path, mf.data_id)
         cache = args.cache_dir or (args.teacher if os.path.isdir(args.teacher)
                                    else os.path.dirname(os.path.abspath(args.teacher)))
         num = args.num or len(data.train)
-        with common.num_threads(common.resolve_threads(args.threads, device, count_params(model))):
-            res = evaluate_denoiser(model, data, D, cache, num=num, steps=args.steps, seeds=list(range(args.seeds)),
-                                    device=device, precision=precision, log=_log)
-        res["teacher"] = os.path.abspath(args.teacher)
-        res["D"] = "inf" if math.isinf(D) else D
+        seeds = list(range(args.seeds))
+        with common.num_threads(common.resolve_threads(args.threads, device, count_params(mf.model))):
+            if mf.role == "generator":
+                res = evaluate_generator(mf.model, data, mf.D, mf.sigma_init, cache, num=num, seeds=seeds,
+                                         device=device, precision=precision, log=_log)
+            else:
+                res = evaluate_denoiser(mf.model, data, mf.D, cache, num=num, steps=args.steps, seeds=seeds,
+                                        device=device, precision=precision, log=_log)
+        res.update(model=mf.path, role=mf.role, teacher=os.path.abspath(args.teacher),
+                   D="inf" if math.isinf(mf.D) else mf.D)
     res["data"] = data.describe()
     if args.json_out:
         from ipfm_fast.train.common import write_json
@@ -340,10 +483,16 @@ def add_distill(sub):
                     "distill ... (DDP; gloo on CPU, nccl on CUDA); results do not depend on P for a fixed "
                     "--micro-batch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", default=d.teacher, help="teacher run folder or teacher.safetensors")
+    p.add_argument("--teacher", default=d.teacher,
+                   help="teacher run folder or teacher.safetensors (a one-step generator is refused)")
     p.add_argument("--out", default=d.out, help="run folder")
-    p.add_argument("--D", type=parse_D, default=None, help="augmentation dimension (default: the teacher's; inf = SiD)")
-    p.add_argument("--data", default=None, help="data set for the periodic evaluation (default: the teacher's)")
+    p.add_argument("--D", type=parse_D, default=None,
+                   help="augmentation dimension (default: the teacher's; another value, e.g. inf = SiD, is allowed "
+                        "with a warning)")
+    p.add_argument("--data", default=None,
+                   help="data set for the periodic evaluation (default: the teacher's; must have its image shape)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out unreadable image files of a --data folder (each is named) instead of stopping")
     m = p.add_argument_group("IPFM")
     m.add_argument("--alpha", type=float, default=d.alpha, help="generator-loss alpha (1/2: plain IPFM; 1.2: SiD's)")
     m.add_argument("--fake-steps", type=_positive_int, default=d.fake_steps, help="fake updates per iteration")
@@ -362,7 +511,7 @@ def add_distill(sub):
     o.add_argument("--lr-fake", type=float, default=None, help="fake-network learning rate (default: --lr)")
     o.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the generator per iteration")
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (0: off)")
-    o.add_argument("--seed", type=int, default=d.seed)
+    o.add_argument("--seed", type=int, default=d.seed, help="seed of every random draw of the run")
     o.add_argument("--max-bad-steps", type=_positive_int, default=d.max_bad_steps,
                    help="stop after this many iterations in a row with non-finite losses or gradients (checked at "
                         "every log line: the loop reads its statistics from the device only then)")
@@ -377,8 +526,12 @@ def add_distill(sub):
     r = p.add_argument_group("checkpoints, logs and evaluation")
     r.add_argument("--resume", action="store_true",
                    help="continue from --out/checkpoint.safetensors (bit-identical on CPU, any number of processes)")
-    r.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
-    r.add_argument("--log-every", type=_positive_int, default=d.log_every)
+    r.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out folder that already holds a run (its checkpoint is deleted)")
+    r.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every,
+                   help="iterations between checkpoints (one is also written at the end and on SIGINT/SIGTERM)")
+    r.add_argument("--log-every", type=_positive_int, default=d.log_every,
+                   help="iterations per log.jsonl line (statistics are read from the device only then)")
     r.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every,
                    help="iterations between 1-NFE scores of the EMA generator (keeps the best; 0: off)")
     r.add_argument("--eval-samples", type=_positive_int, default=d.eval_samples,
@@ -400,13 +553,20 @@ def cmd_distill(args):
         eval_every=args.eval_every, eval_samples=args.eval_samples, device=args.device, precision=args.precision,
         threads=args.threads, compile=args.compile, channels_last=args.channels_last,
         cuda_graph=args.cuda_graph)
-    summary = distill(cfg, resume=args.resume, progress=args.progress, log=_log)
-    if summary is None:  # not rank 0
-        return 0
-    if args.final_eval_seeds and not summary.get("stopped") in ("SIGTERM", "SIGINT"):
-        final_evaluation(args.out, seeds=args.final_eval_seeds, device=args.device, log=_log)
+    if args.resume:
+        from ipfm_fast.train.distill import RESUMABLE
+
+        _check_resume_flags(args, os.path.join(args.out, "checkpoint.safetensors"), RESUMABLE,
+                            also_free=("resume", "progress", "skip_bad_images", "final_eval_seeds"))
+    summary = distill(cfg, resume=args.resume, overwrite=args.overwrite, skip_bad_images=args.skip_bad_images,
+                      progress=args.progress, log=_log)
+    if "rank" in summary:  # not rank 0: nothing to report
+        return _exit_code(summary)
+    if args.final_eval_seeds and summary.get("stopped") not in ("SIGTERM", "SIGINT"):
+        final_evaluation(args.out, seeds=args.final_eval_seeds, device=args.device, log=_log,
+                         skip_bad_images=args.skip_bad_images)
     print(f"summary: {os.path.join(args.out, 'summary.json')}")
-    return 0
+    return _exit_code(summary)
 
 
 # --------------------------------------------------------------------------------------
@@ -456,7 +616,7 @@ def add_study(sub):
                     "against the test split every --eval-every iterations, against generator images seen. Writes "
                     "study.json, study.md and study.png into --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/study")
+    p.add_argument("--out", default="runs/study", help="output folder (teachers and runs inside; study.md/json/png)")
     p.add_argument("--D", dest="Ds", type=parse_D, nargs="+", default=[128.0, math.inf], help="values of D to compare")
     p.add_argument("--distill-steps", type=_positive_int, default=800, help="iterations per distillation")
     p.add_argument("--distill-seeds", type=_positive_int, default=3, help="distillations per D (seeds 0..N-1)")
@@ -494,20 +654,42 @@ COMMANDS = [
 
 
 def build_parser():
+    """The argument parser and its sub-parsers by command name."""
     parser = argparse.ArgumentParser(prog="ipfm-fast", description="Fused kernels and training loops for IPFM.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
     for _, add, _ in COMMANDS:
         add(sub)
-    return parser
+    return parser, sub.choices
+
+
+def given_options(subparser, argv):
+    """The destinations of the options written on the command line (not left at their
+    defaults): commands refuse flags that would be ignored, e.g. a recipe flag with --resume."""
+    given = set()
+    for action in subparser._actions:
+        for opt in action.option_strings:
+            if any(a == opt or (opt.startswith("--") and a.startswith(opt + "=")) for a in argv):
+                given.add(action.dest)
+    return given
 
 
 def main(argv=None):
-    parser = build_parser()
+    from ipfm_fast.train.common import EXIT_CODES
+
+    parser, commands = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.given = given_options(commands[args.command], argv)
     handler = dict((name, cmd) for name, _, cmd in COMMANDS)[args.command]
     try:
         return handler(args)
+    except Interrupted as err:
+        print(f"ipfm-fast {args.command}: {err}", file=sys.stderr)
+        return EXIT_CODES[err.signal]
+    except KeyboardInterrupt:  # Ctrl-C in a command without a checkpoint to save (sample, evaluate, ...)
+        print(f"ipfm-fast {args.command}: interrupted (SIGINT)", file=sys.stderr)
+        return EXIT_CODES["SIGINT"]
     except IpfmError as err:  # a user's mistake: one line; anything else is a bug and keeps its traceback
         print(f"ipfm-fast {args.command}: error: {err}", file=sys.stderr)
         return 2

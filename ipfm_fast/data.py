@@ -70,12 +70,20 @@ class Dataset:
         return list(self.train.images.shape[1:])
 
     def fingerprint(self):
-        """Short hash of both splits (the metrics' classifier cache is keyed on it)."""
-        h = hashlib.sha256()
-        for s in (self.train, self.test):
-            h.update(s.images.cpu().contiguous().numpy().tobytes())
-            h.update(str(s.scale).encode())
-        return h.hexdigest()[:16]
+        """Short hash of both splits (the metrics' classifier cache is keyed on it; model files
+        record it). Computed once."""
+        if "fingerprint" not in self.info:
+            h = hashlib.sha256()
+            for s in (self.train, self.test):
+                h.update(s.images.cpu().contiguous().numpy().tobytes())
+                h.update(str(s.scale).encode())
+            self.info["fingerprint"] = h.hexdigest()[:16]
+        return self.info["fingerprint"]
+
+    def identity(self):
+        """What a model file records about its training data (to check it against later)."""
+        return {"name": self.name, "shape": self.shape, "train": len(self.train), "test": len(self.test),
+                "fingerprint": self.fingerprint()}
 
     def describe(self):
         c, hh, w = self.shape
@@ -178,7 +186,7 @@ def _npz(path, test_fraction):
     return _from_arrays(name, images, labels, test_fraction, info)
 
 
-def _folder(path, test_fraction):
+def _folder(path, test_fraction, skip_bad_images=False, log=None):
     from PIL import Image
 
     files = []
@@ -187,19 +195,27 @@ def _folder(path, test_fraction):
         files += [os.path.join(root, f) for f in sorted(names) if f.lower().endswith(IMAGE_SUFFIXES)]
     if not files:
         raise DataError(f"{path}: no PNG/JPEG images found (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
-    arrays, first = [], None
+    arrays, first, kept = [], None, []
     for f in files:
         try:
             with Image.open(f) as im:
                 arr = np.asarray(im.convert("RGB"))
         except Exception as err:  # noqa: BLE001 - PIL raises many types
-            raise DataError(f"{f}: cannot read image ({type(err).__name__}: {err})") from err
+            if not skip_bad_images:
+                raise DataError(f"{f}: cannot read image ({type(err).__name__}: {err}); --skip-bad-images leaves "
+                                f"unreadable files out") from err
+            (log or print)(f"warning: skipping unreadable image {f} ({type(err).__name__}: {err})")
+            continue
+        kept.append(f)
         if first is None:
             first = (f, arr.shape[:2])
         elif arr.shape[:2] != first[1]:
             raise DataError(f"images have mixed sizes: {first[0]} is {first[1][1]}x{first[1][0]} but {f} is "
                             f"{arr.shape[1]}x{arr.shape[0]} (width x height); resize them to one size first")
         arrays.append(arr)
+    files = kept
+    if not files:
+        raise DataError(f"{path}: none of its images could be read")
     images = np.stack(arrays).transpose(0, 3, 1, 2)  # [N, 3, H, W]
     if (images == images[:, :1]).all():  # all grey: keep one channel
         images = images[:, :1]
@@ -213,10 +229,12 @@ def _folder(path, test_fraction):
     return _from_arrays(os.path.basename(os.path.normpath(path)), images, labels, test_fraction, info)
 
 
-def load_dataset(spec="digits", *, test_fraction=0.1):
+def load_dataset(spec="digits", *, test_fraction=0.1, skip_bad_images=False, log=None):
     """Load a :class:`Dataset` from ``"digits"``, a folder of PNG/JPEG images or an .npz
-    file. Raises FileNotFoundError for a missing path and :class:`DataError` (a
-    ValueError) for unreadable files, mixed image sizes or a bad layout."""
+    file. Raises :class:`~ipfm_fast.errors.MissingFile` for a missing path and
+    :class:`DataError` (a ValueError) for unreadable files, mixed image sizes or a bad
+    layout; ``skip_bad_images`` leaves unreadable files of a folder out instead, naming
+    each through ``log``."""
     if spec == "digits":
         return _digits()
     spec = os.fspath(spec)
@@ -224,7 +242,7 @@ def load_dataset(spec="digits", *, test_fraction=0.1):
         raise MissingFile(f"data: {spec!r} does not exist (expected 'digits', a folder of PNG/JPEG "
                           f"images or an .npz file of uint8 images)")
     if os.path.isdir(spec):
-        return _folder(spec, test_fraction)
+        return _folder(spec, test_fraction, skip_bad_images, log)
     if spec.lower().endswith(".npz"):
         return _npz(spec, test_fraction)
     raise DataError(f"data: {spec!r} is a file but not an .npz (expected 'digits', a folder of PNG/JPEG "

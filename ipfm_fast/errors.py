@@ -11,8 +11,10 @@ exception that code catching errors of ipfm_fast used before (``ValueError``,
     ├── InvalidType(TypeError)           an argument of the wrong type
     ├── MissingFile(FileNotFoundError)   a file or folder that does not exist
     ├── BadFile(ValueError)              a file that exists but cannot be used (truncated, foreign, ...)
+    ├── CannotWrite(OSError)             an output that cannot be written (read-only, full, no permission)
     ├── BackendUnavailable(RuntimeError) the backend asked for cannot serve this call
-    └── TrainingDiverged(FloatingPointError)  a run that keeps producing NaN/Inf
+    ├── TrainingDiverged(FloatingPointError)  a run that keeps producing NaN/Inf
+    └── Interrupted                      SIGINT/SIGTERM stopped a command that has more steps
 """
 
 
@@ -36,9 +38,22 @@ class BadFile(IpfmError, ValueError):
     """A file exists but cannot be used: truncated, corrupted, or not what was expected."""
 
 
+class CannotWrite(IpfmError, OSError):
+    """An output file or folder cannot be written: read-only, full, or no permission."""
+
+
 class BackendUnavailable(IpfmError, RuntimeError):
     """The requested backend cannot serve this call; the message says why."""
 
 
 class TrainingDiverged(IpfmError, FloatingPointError):
     """A training run produced non-finite losses or gradients too many times in a row."""
+
+
+class Interrupted(IpfmError):
+    """SIGINT or SIGTERM stopped a multi-step command (the demo, the study) after the running
+    step saved what it could; ``signal`` is "SIGINT" or "SIGTERM" (the CLI exits 130 / 143)."""
+
+    def __init__(self, signal, message):
+        super().__init__(message)
+        self.signal = signal

@@ -34,7 +34,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ipfm_fast._files import replacing
-from ipfm_fast.errors import InvalidInput
+from ipfm_fast.errors import CannotWrite, InvalidInput
 
 CLASSIFIER_VERSION = 1
 FEATURE_DIM = 64
@@ -230,10 +230,14 @@ def load_or_train_classifier(dataset, cache_dir=None, *, device="cpu", log=None)
                     log(f"FD classifier cache {path} unreadable ({err}); retraining")
     net, info = train_classifier(dataset, device=device, log=log)
     if path:
-        with replacing(path) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, tmp,
-                      metadata={"features": info["features"], "test_accuracy": str(info["test_accuracy"])})
-        info["cached"] = path
+        try:
+            with replacing(path) as tmp:
+                save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, tmp,
+                          metadata={"features": info["features"], "test_accuracy": str(info["test_accuracy"])})
+            info["cached"] = path
+        except CannotWrite as err:  # e.g. a read-only model folder: score anyway, retrain next time
+            if log:
+                log(f"FD classifier not cached ({err}); --cache-dir names another folder")
     return net, info
 
 
@@ -260,6 +264,22 @@ class Evaluator:
             "baseline_sw": sliced_wasserstein(train_x, self.test_x, projections=sw_projections),
             "baseline_n": len(train_x),
         }
+
+    def feature_space(self):
+        """What the FD is computed in, for every printed score."""
+        if self.info["features"] == "classifier":
+            acc = self.info.get("test_accuracy")
+            return "classifier features" + (f" (test accuracy {acc:.3f})" if acc is not None else "")
+        return ("RANDOM-network features (the data has no class labels: compare such scores only with each other, "
+                "on this data)")
+
+    def warn_sample_count(self, n, log):
+        """FD is biased by the sample count: a score and the baseline are like for like only
+        with equally many images."""
+        if n != self.baseline["baseline_n"] and log:
+            log(f"warning: {n} samples per score but the data baseline uses {self.baseline['baseline_n']} training "
+                f"images; FD depends on the sample count, so the ratio to the baseline is not like for like "
+                f"(use --num {self.baseline['baseline_n']})")
 
     @property
     def default_num_samples(self):

@@ -11,6 +11,7 @@ denoiser evaluations (18 steps = 35 NFE). The ODE is the same for every D (PFGM+
 see sigma = r / sqrt(D)); only the prior depends on D (heavy-tailed for finite D).
 """
 
+import json
 import math
 
 import numpy as np
@@ -83,10 +84,22 @@ def sample(model, num, shape, D, *, seed=0, steps=18, batch=500, device="cpu", s
 
 def save_npz(path, x, **meta):
     """Samples in [-1, 1] ([B, C, H, W]) -> .npz with uint8 ``x`` [B, H, W, C] (loadable
-    by :func:`ipfm_fast.data.load_dataset`) and float32 ``x_float`` (clipped to [-1, 1])."""
+    by :func:`ipfm_fast.data.load_dataset`), float32 ``x_float`` (clipped to [-1, 1]) and
+    ``meta``, a JSON string (what made the samples: seed, NFE, D, the model and its data),
+    read back by :func:`read_npz_meta`."""
     from ipfm_fast.data import to_uint8
 
-    extra = {k: np.asarray(v) for k, v in meta.items() if v is not None and not (isinstance(v, float) and math.isinf(v))}
+    meta = {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in meta.items() if v is not None}
     with replacing(path, ".npz") as tmp:
-        np.savez_compressed(tmp, x=to_uint8(x), x_float=x.detach().float().clamp(-1, 1).cpu().numpy(), **extra)
+        np.savez_compressed(tmp, x=to_uint8(x), x_float=x.detach().float().clamp(-1, 1).cpu().numpy(),
+                            meta=np.array(json.dumps(meta)))
     return path
+
+
+def read_npz_meta(path):
+    """The ``meta`` dict :func:`save_npz` stored ({} for other .npz files)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return json.loads(str(f["meta"])) if "meta" in f else {}
+    except (OSError, ValueError):  # not ours, or unreadable: the image loader says why
+        return {}

@@ -37,7 +37,7 @@ def train_and_score(name, extra, args):
     if args.reuse and os.path.exists(os.path.join(out, "teacher.safetensors")) and os.path.exists(timing):
         wall = json.load(open(timing))["command_seconds"]
     else:
-        wall = run(cli + ["train-teacher", "--out", out, *extra])
+        wall = run(cli + ["train-teacher", "--out", out, "--overwrite", *extra])  # a rerun starts over
         with open(timing, "w") as f:
             json.dump({"command_seconds": wall}, f)
     summary = json.load(open(os.path.join(out, "summary.json")))

@@ -142,5 +142,7 @@ def test_generic_state_for_other_loops(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(nets[k].state_dict().values(), fresh[k].state_dict().values()))
     g, _ = ckpt.load_denoiser(path, which="generator_ema")
     assert all(torch.equal(a, b) for a, b in zip(g.state_dict().values(), nets["generator_ema"].state_dict().values()))
+    ema, _ = ckpt.load_denoiser(path, which="ema")  # the teacher's names pick the generator's weights
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), g.state_dict().values()))
     with pytest.raises(ValueError, match="not one of them"):
-        ckpt.load_denoiser(path, which="ema")
+        ckpt.load_denoiser(path, which="online")

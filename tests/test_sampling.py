@@ -77,3 +77,15 @@ def test_npz_roundtrip(tmp_path):
     save_npz(tmp_path / "s.npz", x, seed=0, D=math.inf)
     back = load_images(tmp_path / "s.npz")
     assert back.shape == x.shape and (back - x).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_npz_records_what_made_the_samples(tmp_path):
+    from ipfm_fast.sampling import read_npz_meta
+
+    save_npz(tmp_path / "s.npz", torch.zeros(2, 1, 4, 4), seed=3, D=math.inf, role="generator", data="digits")
+    assert read_npz_meta(tmp_path / "s.npz") == {"seed": 3, "D": "inf", "role": "generator", "data": "digits"}
+    np_path = tmp_path / "plain.npz"
+    import numpy as np
+
+    np.savez(np_path, x=np.zeros((2, 4, 4), np.uint8))
+    assert read_npz_meta(np_path) == {}

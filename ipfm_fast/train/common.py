@@ -6,13 +6,14 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
 
 import torch
 
 from ipfm_fast._files import replacing
-from ipfm_fast.errors import InvalidInput
+from ipfm_fast.errors import InvalidInput, MissingFile
 
 # --------------------------------------------------------------------------------------
 # device and precision
@@ -86,6 +87,27 @@ def resolve_threads(threads, device, params):
     if threads < 1:
         raise InvalidInput(f"--threads must be >= 1 or auto, got {threads}")
     return threads
+
+
+def check_run_folder(out, ckpt_path, *, resume, overwrite, main=True):
+    """A run folder is continued only with ``resume`` and replaced only with ``overwrite``:
+    a folder holding a checkpoint is never silently started over. ``overwrite`` removes
+    the old checkpoint (``main`` process only), so an interrupted new run cannot be
+    resumed from the old one."""
+    if resume:
+        if not os.path.exists(ckpt_path):
+            raise MissingFile(f"--resume: no checkpoint at {ckpt_path}")
+        return
+    if not os.path.exists(ckpt_path):
+        return
+    if not overwrite:
+        from ipfm_fast.checkpoint import read_meta
+
+        step = read_meta(ckpt_path).get("step")
+        raise InvalidInput(f"{out} already holds a run (checkpoint at step {step}): continue it with --resume, "
+                           f"start it over with --overwrite, or choose another --out")
+    if main:
+        os.remove(ckpt_path)
 
 
 def make_generator(device, seed):
@@ -285,3 +307,34 @@ def write_json(path, obj):
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set a flag (the loop saves a checkpoint and returns at the end of the
+    iteration, and the CLI exits with 128 + the signal's number); a second SIGINT raises
+    KeyboardInterrupt as usual. Only in the main thread."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report it

@@ -27,6 +27,7 @@ import torch
 
 from ipfm_fast import checkpoint as ckpt
 from ipfm_fast._files import replacing
+from ipfm_fast.errors import Interrupted
 from ipfm_fast.train import common
 
 GRID_UPSCALE = 4  # 10 x 10 grids of 8x8 images -> 364 x 364 pixels
@@ -75,8 +76,16 @@ def ensure_teacher(folder, *, D=128.0, device="auto", progress=None, log=print, 
             log(f"teacher: reusing {path} (trained {summary['train_seconds']:.0f} s; delete the folder to retrain)")
             return path, True, summary["train_seconds"]
         log(f"teacher: {folder} holds a different recipe; retraining")
-    summary = train_teacher(cfg, progress=progress, log=log)
+    summary = train_teacher(cfg, overwrite=True, progress=progress, log=log)  # a cached teacher of another recipe
+    _stop_if_interrupted(summary, folder)
     return path, False, summary["train_seconds"]
+
+
+def _stop_if_interrupted(summary, folder):
+    """A signal ended a training step early (after its checkpoint): the later steps stop too."""
+    if summary.get("stopped") in ("SIGINT", "SIGTERM"):
+        raise Interrupted(summary["stopped"], f"interrupted by {summary['stopped']}; the run so far is in {folder} "
+                                              f"(a rerun starts that step over)")
 
 
 def _cached_eval(cache_file, key, compute):
@@ -178,6 +187,7 @@ def run_demo(out="runs/demo", *, seeds=5, distill_seconds=360.0, distill_steps=1
     dcfg = DistillConfig(teacher=teacher_dir, out=dist_dir, steps=distill_steps, time_budget=distill_seconds,
                          device=device, **(distill_overrides or {}))
     summary = distill(dcfg, progress=progress, log=log)
+    _stop_if_interrupted(summary, dist_dir)
 
     log(f"== 4/4 scoring the distilled generator at 1 NFE ({seeds} seeds) ==")
     gen, _, sigma_init, gmeta = load_generator(dist_dir, dev)
@@ -312,6 +322,7 @@ def run_study(out="runs/study", *, Ds=(128.0, math.inf), distill_steps=800, dist
                            checkpoint_every=distill_steps), **(distill_overrides or {}))
             cfg = DistillConfig(teacher=tdir, out=ddir, **kw)
             s = distill(cfg, progress=progress, log=log)
+            _stop_if_interrupted(s, ddir)
             runs.append({"seed": seed, "curve": s["curve"], "seconds": s["train_seconds"],
                          "images_per_second": s["images_per_second"], "batch": cfg.batch})
         rows.append({"D": "inf" if math.isinf(D) else D, "name": name, "teacher_fd": tres["fd"]["mean"],

@@ -58,7 +58,6 @@ import hashlib
 import importlib
 import math
 import os
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -68,7 +67,9 @@ import torch.distributed as dist
 
 import ipfm_fast as ipf
 from ipfm_fast import checkpoint as ckpt
-from ipfm_fast.errors import InvalidInput, MissingFile, TrainingDiverged
+from ipfm_fast._files import check_writable
+from ipfm_fast.data import save_grid
+from ipfm_fast.errors import InvalidInput, TrainingDiverged
 from ipfm_fast.models import build_denoiser, count_params, describe
 from ipfm_fast.reference import sample_sigma_distill, sample_sigma_train
 from ipfm_fast.train import common
@@ -77,6 +78,10 @@ from ipfm_fast.train import common
 # `_ops = reference` runs the pure-PyTorch spec instead.
 _ops = ipf
 
+GRID_SAMPLES = 100  # images in a run folder's samples.png
+# What --resume may change: the budget, the device and the outputs; the recipe comes from the checkpoint.
+RESUMABLE = ("steps", "time_budget", "device", "precision", "threads", "compile", "channels_last", "cuda_graph",
+             "checkpoint_every", "log_every", "eval_every", "eval_samples", "out", "max_bad_steps")
 FAKE_PHASE, GEN_PHASE = 0, 1000  # phase ids of draw_seed: fake update k uses FAKE_PHASE + k
 SWITCHES = ("auto", "on", "off")
 
@@ -303,6 +308,7 @@ class DistillState:
     compiled: bool = False
     channels_last: bool = False
     graphed: bool = False  # iterations run through GraphedStep
+    teacher_meta: dict = field(default_factory=dict)  # what the teacher's file records (D, data, ...)
     _generators: dict = field(default_factory=dict)
     capturing: bool = False  # inside CUDA-graph capture: the generators are seeded before each replay
 
@@ -605,7 +611,6 @@ def evaluate_generator(model, data, D, sigma_init, cache_dir, *, num=None, seeds
                        precision="fp32", log=print, grid=None, evaluator=None, grid_upscale=None):
     """Score a one-step generator over several seeds against the test split (as
     :func:`ipfm_fast.train.teacher.evaluate_denoiser` does for the teacher at 35 NFE)."""
-    from ipfm_fast.data import save_grid
     from ipfm_fast.metrics import Evaluator, summarize
 
     device = torch.device(device)
@@ -624,9 +629,11 @@ def evaluate_generator(model, data, D, sigma_init, cache_dir, *, num=None, seeds
            "baseline_sw": ev.baseline["baseline_sw"], "nfe": 1, "num_samples": num, "n_test": len(data.test),
            "seconds": time.perf_counter() - t0, "per_seed": per_seed}
     fd = res["fd"]
-    log(f"FD at 1 NFE: {fd['mean']:.3f} +- {fd['std']:.3f} (std over {len(seeds)} seeds); data baseline "
-        f"{res['baseline_fd']:.3f} | SW {res['sw']['mean']:.4f} | nearest-train-image distance ratio "
+    res.update(features=ev.info["features"], classifier_test_accuracy=ev.info["test_accuracy"])
+    log(f"FD at 1 NFE: {fd['mean']:.3f} +- {fd['std']:.3f} (std over {len(seeds)} seeds) in {ev.feature_space()}; "
+        f"data baseline {res['baseline_fd']:.3f} | SW {res['sw']['mean']:.4f} | nearest-train-image distance ratio "
         f"{res['nn_ratio']['mean']:.2f}")
+    ev.warn_sample_count(num, log)
     return res
 
 
@@ -636,47 +643,28 @@ def evaluate_generator(model, data, D, sigma_init, cache_dir, *, num=None, seeds
 
 
 def load_teacher(path, device, trust_pickle=False):
-    """The frozen teacher (EMA weights) and its metadata."""
-    teacher, meta = ckpt.load_denoiser(path, device=device, which="ema", trust_pickle=trust_pickle)
-    return teacher.eval().requires_grad_(False), meta
+    """The frozen teacher (EMA weights) and its metadata; a one-step generator is refused
+    (distilling one as if it were a teacher gives a generator of nothing)."""
+    mf = ckpt.load_model(path, device=device, which="ema", trust_pickle=trust_pickle)
+    if mf.role != "teacher":
+        raise InvalidInput(f"{mf.path} is a one-step generator (role {mf.role!r}), not a teacher: distill a PFGM++ "
+                           f"teacher (the teacher.safetensors of a train-teacher run)")
+    return mf.model.eval().requires_grad_(False), mf.meta
 
 
-class _StopSignals:
-    """SIGTERM/SIGINT set a flag (the loop saves and returns at the end of the iteration);
-    a second SIGINT raises KeyboardInterrupt as usual. Only in the main thread."""
-
-    def __init__(self):
-        self.received = None
-        self._old = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
-def distill(cfg, *, resume=False, progress=None, log=print, teacher=None, teacher_meta=None, init=None):
+def distill(cfg, *, resume=False, overwrite=False, skip_bad_images=False, progress=None, log=print, teacher=None,
+            teacher_meta=None, init=None):
     """Run (or, with ``resume``, continue) a distillation; returns the summary dict (rank 0;
-    other ranks return None). ``teacher``: an already loaded denoiser to use instead of
+    other ranks return {"rank", "stopped"}). ``teacher``: an already loaded denoiser to use instead of
     ``cfg.teacher`` (with ``teacher_meta`` holding at least its "model" config and "D");
     ``init``: the module whose weights G and the fake network start from (default: the
-    teacher)."""
+    teacher). A folder that holds a run is refused unless ``resume`` or ``overwrite``;
+    ``summary["stopped"]`` names the signal when SIGINT/SIGTERM ended the run early (after a
+    checkpoint)."""
     cfg.validate()
     with DistributedRun(cfg.device) as (dctx, device), contextlib.ExitStack() as stack:
-        return _distill(cfg, dctx=dctx, device=device, resume=resume, progress=progress, log=log, teacher=teacher,
+        return _distill(cfg, dctx=dctx, device=device, resume=resume, overwrite=overwrite,
+                        skip_bad_images=skip_bad_images, progress=progress, log=log, teacher=teacher,
                         teacher_meta=teacher_meta, init=init, stack=stack)
 
 
@@ -761,30 +749,27 @@ def build_state(cfg, *, teacher=None, teacher_meta=None, init=None, dctx=None, d
     if not shape:
         raise InvalidInput("distill: the teacher does not record its sample shape")
     return DistillState(cfg=cfg, D=float(cfg.D), shape=shape, device=device, precision=precision, dctx=dctx,
-                        accum=accum, micro=cfg.micro_batch, **nets)
+                        accum=accum, micro=cfg.micro_batch, teacher_meta=teacher_meta, **nets)
 
 
-def _distill(cfg, *, dctx, device, resume, progress, log, teacher, teacher_meta, init, stack):
+def _distill(cfg, *, dctx, device, resume, overwrite, skip_bad_images, progress, log, teacher, teacher_meta, init,
+             stack):
     main = dctx.main
     say = log if main else (lambda *a, **k: None)
     precision = common.resolve_precision(cfg.precision, device)
     out = cfg.out
     ckpt_path = os.path.join(out, "checkpoint.safetensors")
     if main:
-        os.makedirs(out, exist_ok=True)
+        check_writable(out, folder=True, what="--out")
+    common.check_run_folder(out, ckpt_path, resume=resume, overwrite=overwrite, main=main)
 
-    saved_meta = None
     if resume:
-        if not os.path.exists(ckpt_path):
-            raise MissingFile(f"--resume: no checkpoint at {ckpt_path}")
-        _, saved_meta = ckpt.read(ckpt_path)
-        saved = DistillConfig.from_json(saved_meta["config"])
-        # the recipe comes from the checkpoint; the budget, the device and the outputs may change
-        for keep in ("steps", "time_budget", "device", "precision", "threads", "compile", "channels_last", "cuda_graph",
-                     "checkpoint_every", "log_every", "eval_every", "eval_samples", "out", "max_bad_steps"):
+        saved = DistillConfig.from_json(ckpt.read_meta(ckpt_path)["config"])
+        for keep in RESUMABLE:
             setattr(saved, keep, getattr(cfg, keep))
         cfg = saved.validate()
 
+    asked_D = cfg.D
     state = build_state(cfg, teacher=teacher, teacher_meta=teacher_meta, init=init, dctx=dctx, device=device)
     cfg, gen_net, fake_net, ema, opt_g, opt_f, shape = (state.cfg, state.gen_net, state.fake_net, state.ema,
                                                        state.opt_g, state.opt_f, state.shape)
@@ -800,6 +785,10 @@ def _distill(cfg, *, dctx, device, resume, progress, log, teacher, teacher_meta,
         f"{', channels_last' if state.channels_last else ''}"
         f"{', torch.compile: the first iterations compile the networks' if state.compiled else ''}"
         f"{', CUDA graph of the whole iteration' if state.graphed else ''})")
+    teacher_D = state.teacher_meta.get("D")
+    if asked_D is not None and teacher_D is not None and ckpt.decode_D(teacher_D) != float(asked_D) and not resume:
+        say(f"warning: the teacher was trained at D = {ckpt.decode_D(teacher_D):g}; distilling at D = "
+            f"{float(asked_D):g} as asked (the generator's prior and the perturbations use D = {float(asked_D):g})")
 
     start, best, elapsed0, bad_run = 0, {"fd_train": math.inf, "step": None}, 0.0, 0
     if resume:
@@ -822,22 +811,29 @@ def _distill(cfg, *, dctx, device, resume, progress, log, teacher, teacher_meta,
     if main and cfg.eval_every:
         from ipfm_fast.data import load_dataset
 
-        data = load_dataset(cfg.data, test_fraction=cfg.test_fraction)
+        data = load_dataset(cfg.data, test_fraction=cfg.test_fraction, skip_bad_images=skip_bad_images, log=say)
+        if data.shape != list(shape):
+            raise InvalidInput(f"the teacher makes samples of shape {list(shape)} but the evaluation data "
+                               f"{data.name} has images of {data.shape}: give the data it was trained on (--data)")
         cache = cfg.teacher if isinstance(cfg.teacher, str) and os.path.isdir(cfg.teacher) else out
         with common.num_threads(1 if device.type == "cpu" else None):
             scorer = SelectionScorer(data, cache, device, log=say)
     eval_n = cfg.eval_samples or (len(data.train) if data is not None else 0)
+    data_id = data.identity() if data is not None and cfg.data == state.teacher_meta.get("data") else \
+        state.teacher_meta.get("data_id")
 
     def save_checkpoint(step, elapsed):
         if main:
             ckpt.save_state(ckpt_path, modules={"generator": gen_net, "generator_ema": ema.model, "fake": fake_net},
                             optimizers={"opt_g": opt_g, "opt_fake": opt_f}, generators={}, step=step,
                             config=cfg.to_json(), model_cfg=cfg.model,
-                            extra={"best": best, "train_seconds": elapsed, "bad_run": bad_run})
+                            extra={"best": best, "train_seconds": elapsed, "bad_run": bad_run, "role": "generator",
+                                   "sigma_init": cfg.sigma_init, "data_id": data_id})
 
     def save_generator(name, module, step, **extra):
         return ckpt.save_denoiser(os.path.join(out, name), module, cfg.model, D=ckpt._encode_D(float(cfg.D)),
-                                  sigma_init=cfg.sigma_init, data=cfg.data, steps=step, role="generator", **extra)
+                                  sigma_init=cfg.sigma_init, data=cfg.data, data_id=data_id, steps=step,
+                                  role="generator", recipe=cfg.to_json(), **extra)
 
     def evaluate(step):
         x = generate(ema.model, eval_n, shape, state.D, cfg.sigma_init, seed=cfg.eval_seed, device=device,
@@ -862,7 +858,7 @@ def _distill(cfg, *, dctx, device, resume, progress, log, teacher, teacher_meta,
         say(f"initial generator (the teacher at 1 NFE): FD vs train {s0['fd_train']:.2f}, vs test {s0['fd_test']:.2f}")
 
     bar = common.progress(cfg.steps, initial=start, desc="distill", enabled=progress if main else False)
-    signals = stack.enter_context(_StopSignals())
+    signals = stack.enter_context(common.StopSignals())
     t0 = time.perf_counter()
     step, stop_reason = start, None
     # A steady-state iteration never waits for the device: the statistics stay there and are
@@ -929,14 +925,18 @@ def _distill(cfg, *, dctx, device, resume, progress, log, teacher, teacher_meta,
     bar.close()
     train_seconds = time.perf_counter() - t0
     if not main:
-        return None
+        return {"rank": dctx.rank, "stopped": stop_reason}
     done = step + 1 if cfg.steps > start else start
     save_generator("generator_last.safetensors", ema.model, done)
     if scorer is None:  # no selection: the last EMA is the result
         save_generator("generator.safetensors", ema.model, done)
     iters = done - start
+    kept, _, _, _ = load_generator(out, device)  # every run folder shows its samples
+    grid = save_grid(generate(kept, GRID_SAMPLES, shape, state.D, cfg.sigma_init, seed=cfg.eval_seed, device=device,
+                              autocast=state.autocast), os.path.join(out, "samples.png"), nrow=10)
     summary = {
-        "generator": os.path.join(out, "generator.safetensors"), "steps": done, "resumed_from": start if resume else None,
+        "generator": os.path.join(out, "generator.safetensors"), "samples": grid, "steps": done,
+        "resumed_from": start if resume else None,
         "stopped": stop_reason, "train_seconds": train_seconds, "total_train_seconds": elapsed0 + train_seconds,
         "images_per_second": iters * cfg.batch / max(train_seconds, 1e-9),
         "best_step": best["step"], "best_fd_train": best["fd_train"], "parameters": count_params(gen_net),
@@ -945,8 +945,11 @@ def _distill(cfg, *, dctx, device, resume, progress, log, teacher, teacher_meta,
     }
     common.write_json(os.path.join(out, "summary.json"), summary)
     how = f"stopped by {stop_reason}" if stop_reason else "done"
+    kept_what = (f"best EMA generator (iteration {best['step']}, FD vs train {best['fd_train']:.2f})"
+                 if scorer is not None else f"EMA generator of the last iteration ({done}; --eval-every 0: no scores "
+                                            f"to choose by)")
     say(f"distilled {iters} iterations in {train_seconds:.1f} s ({summary['images_per_second']:.0f} images/s, {how}); "
-        f"best EMA generator (iteration {best['step']}, FD vs train {best['fd_train']:.2f}) -> {summary['generator']}")
+        f"{kept_what} -> {summary['generator']}; samples -> {grid}")
     if stop_reason in ("SIGTERM", "SIGINT"):
         say(f"interrupted by {stop_reason}: checkpoint at iteration {done} in {ckpt_path}; continue with --resume")
     return summary
@@ -961,7 +964,8 @@ def load_generator(path, device="cpu"):
     return model, ckpt.decode_D(meta["D"]), float(meta["sigma_init"]), meta
 
 
-def final_evaluation(out, *, seeds=5, device="auto", precision="auto", num=None, log=print, grid=None):
+def final_evaluation(out, *, seeds=5, device="auto", precision="auto", num=None, log=print, grid=None,
+                     skip_bad_images=False):
     """Score ``out``/generator.safetensors at 1 NFE over seeds 0..seeds-1 against the test
     split; writes ``out``/eval.json and returns it."""
     from ipfm_fast.data import load_dataset
@@ -970,7 +974,8 @@ def final_evaluation(out, *, seeds=5, device="auto", precision="auto", num=None,
     precision = common.resolve_precision(precision, device)
     model, D, sigma_init, meta = load_generator(out, device)
     cfg = DistillConfig.from_json(json_load(os.path.join(out, "config.json")))
-    data = load_dataset(meta.get("data") or cfg.data or "digits", test_fraction=cfg.test_fraction)
+    data = load_dataset(meta.get("data") or cfg.data or "digits", test_fraction=cfg.test_fraction,
+                        skip_bad_images=skip_bad_images, log=log)
     cache = cfg.teacher if os.path.isdir(cfg.teacher) else out
     with common.num_threads(1 if device.type == "cpu" else None):
         res = evaluate_generator(model, data, D, sigma_init, cache, num=num, seeds=list(range(seeds)), device=device,

@@ -31,8 +31,9 @@ import torch
 
 import ipfm_fast as ipf
 from ipfm_fast import checkpoint as ckpt
+from ipfm_fast._files import check_writable
 from ipfm_fast.data import load_dataset
-from ipfm_fast.errors import InvalidInput, MissingFile, TrainingDiverged
+from ipfm_fast.errors import InvalidInput, TrainingDiverged
 from ipfm_fast.models import build_denoiser, count_params, describe, model_config
 from ipfm_fast.reference import sample_sigma_train
 from ipfm_fast.train import common
@@ -130,35 +131,38 @@ def teacher_loss(model, x, cfg, generator, train=None, autocast=None):
     return _ops.ipfm_fake_loss(out.float(), target, sigma), sigma
 
 
-def train_teacher(cfg, *, resume=False, progress=None, log=print):
-    """Train (or, with ``resume``, continue) a teacher; returns the summary dict.
+# What --resume may change: the budget, the device and the outputs; the recipe comes from the checkpoint.
+RESUMABLE = ("steps", "device", "precision", "threads", "checkpoint_every", "log_every", "eval_samples", "eval_steps",
+             "eval_seed", "out")
+
+
+def train_teacher(cfg, *, resume=False, overwrite=False, skip_bad_images=False, progress=None, log=print):
+    """Train (or, with ``resume``, continue) a teacher; returns the summary dict
+    (``summary["stopped"]`` names the signal when SIGINT/SIGTERM ended it early, after a
+    checkpoint). A folder that holds a run is refused unless ``resume`` or ``overwrite``.
     ``progress``: show a tqdm bar (None: when stderr is a terminal); ``log``: where the
     one-line messages go."""
     cfg.validate()
     with contextlib.ExitStack() as stack:
-        return _train_teacher(cfg, resume=resume, progress=progress, log=log, stack=stack)
+        return _train_teacher(cfg, resume=resume, overwrite=overwrite, skip_bad_images=skip_bad_images,
+                              progress=progress, log=log, stack=stack)
 
 
-def _train_teacher(cfg, *, resume, progress, log, stack):
+def _train_teacher(cfg, *, resume, overwrite, skip_bad_images, progress, log, stack):
     device = common.resolve_device(cfg.device)
     precision = common.resolve_precision(cfg.precision, device)
     out = cfg.out
-    os.makedirs(out, exist_ok=True)
+    check_writable(out, folder=True, what="--out")
     ckpt_path = os.path.join(out, "checkpoint.safetensors")
+    common.check_run_folder(out, ckpt_path, resume=resume, overwrite=overwrite)
 
     if resume:
-        if not os.path.exists(ckpt_path):
-            raise MissingFile(f"--resume: no checkpoint at {ckpt_path}")
-        _, meta = ckpt.read(ckpt_path)
-        saved = TeacherConfig.from_json(meta["config"])
-        # The run's recipe comes from the checkpoint; only the budget, the device and the
-        # output/eval settings may change on resume.
-        for keep in ("steps", "device", "precision", "threads", "checkpoint_every", "log_every", "eval_samples",
-                     "eval_steps", "eval_seed", "out"):
+        saved = TeacherConfig.from_json(ckpt.read_meta(ckpt_path)["config"])
+        for keep in RESUMABLE:
             setattr(saved, keep, getattr(cfg, keep))
         cfg = saved.validate()
 
-    data = load_dataset(cfg.data, test_fraction=cfg.test_fraction)
+    data = load_dataset(cfg.data, test_fraction=cfg.test_fraction, skip_bad_images=skip_bad_images, log=log)
     log(data.describe())
     train = data.train.to(device)
 
@@ -191,9 +195,15 @@ def _train_teacher(cfg, *, resume, progress, log, stack):
     amp = common.autocast(device, precision)
     order = common.BatchOrder(cfg.batch, len(train), cfg.seed, device)
     bar = common.progress(cfg.steps, initial=start, desc="train-teacher", enabled=progress)
+    signals = stack.enter_context(common.StopSignals())
     t0 = time.perf_counter()
     t_last, n_last, loss_acc, loss_n = t0, 0, torch.zeros((), device=device), 0
-    step = start
+    step, done = start, start
+
+    def save_checkpoint(step):
+        ckpt.save_training(ckpt_path, model=model, ema=ema.model, optimizer=opt, generators={"train": gen},
+                           step=step, config=cfg.to_json(), extra={"role": "teacher", "data_id": data.identity()})
+
     with common.JSONLLogger(log_path) as jl:
         for step in range(start, cfg.steps):
             lr = _lr_at(cfg, step)
@@ -221,30 +231,49 @@ def _train_teacher(cfg, *, resume, progress, log, stack):
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(f"train-teacher: loss became {mean_loss} at step {done}; lower --lr")
                 t_last, n_last, loss_acc, loss_n = now, 0, torch.zeros((), device=device), 0
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                ckpt.save_training(ckpt_path, model=model, ema=ema.model, optimizer=opt, generators={"train": gen},
-                                   step=done, config=cfg.to_json())
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or signals.received:
+                save_checkpoint(done)
+            if signals.received:
+                break
     bar.close()
     train_seconds = time.perf_counter() - t0
-    teacher_path = ckpt.save_denoiser(os.path.join(out, "teacher.safetensors"), ema.model, cfg.model,
-                                      D=ckpt._encode_D(float(cfg.D)), data=cfg.data, steps=cfg.steps,
-                                      role="teacher")
     summary = {
-        "teacher": teacher_path, "steps": cfg.steps, "resumed_from": start if resume else None,
-        "train_seconds": train_seconds, "images_per_second": (cfg.steps - start) * cfg.batch / max(train_seconds, 1e-9),
+        "steps": done, "resumed_from": start if resume else None, "stopped": signals.received,
+        "train_seconds": train_seconds, "images_per_second": (done - start) * cfg.batch / max(train_seconds, 1e-9),
         "parameters": count_params(model), "device": str(device), "precision": precision,
         "D": ckpt._encode_D(float(cfg.D)), "data": cfg.data,
     }
+    if signals.received:  # no teacher.safetensors from an unfinished run
+        common.write_json(os.path.join(out, "summary.json"), summary)
+        log(f"interrupted by {signals.received} after {done - start} steps: checkpoint at step {done} in "
+            f"{ckpt_path}; continue with --resume")
+        return summary
+    teacher_path = ckpt.save_denoiser(os.path.join(out, "teacher.safetensors"), ema.model, cfg.model,
+                                      D=ckpt._encode_D(float(cfg.D)), data=cfg.data, data_id=data.identity(),
+                                      steps=cfg.steps, role="teacher", recipe=cfg.to_json())
+    summary["teacher"] = teacher_path
     log(f"trained {cfg.steps - start} steps in {train_seconds:.1f} s "
         f"({summary['images_per_second']:.0f} images/s); EMA weights -> {teacher_path}")
 
     eval_n = len(data.train) if cfg.eval_samples is None else cfg.eval_samples
+    grid = os.path.join(out, "samples.png")
     if eval_n:
         summary["eval"] = evaluate_denoiser(ema.model, data, cfg.D, out, num=eval_n, steps=cfg.eval_steps,
                                             seeds=[cfg.eval_seed], device=device, precision=precision, log=log,
-                                            grid=os.path.join(out, "samples.png"))
+                                            grid=grid)
+    else:  # every run folder shows its samples
+        from ipfm_fast.data import save_grid
+        from ipfm_fast.sampling import sample
+
+        x = sample(ema.model, GRID_SAMPLES, data.shape, cfg.D, seed=cfg.eval_seed, steps=cfg.eval_steps,
+                   device=device, autocast=lambda: common.autocast(device, precision))
+        save_grid(x, grid, nrow=10)
+    summary["samples"] = grid
     common.write_json(os.path.join(out, "summary.json"), summary)
     return summary
+
+
+GRID_SAMPLES = 100  # images in a run folder's samples.png
 
 
 def evaluate_denoiser(model, data, D, cache_dir, *, num, steps=18, seeds=(0,), device="cpu", precision="fp32",
@@ -273,8 +302,9 @@ def evaluate_denoiser(model, data, D, cache_dir, *, num, steps=18, seeds=(0,), d
            "features": ev.info["features"], "classifier_test_accuracy": ev.info["test_accuracy"],
            "seconds": time.perf_counter() - t0, "per_seed": per_seed}
     spread = f" +- {fd['std']:.3f} (std over {len(seeds)} seeds)" if len(seeds) > 1 else f" (seed {seeds[0]})"
-    log(f"FD at {res['nfe']} NFE: {fd['mean']:.3f}{spread}; data baseline (train vs test): "
-        f"{res['baseline_fd']:.3f}; ratio {fd['mean'] / max(res['baseline_fd'], 1e-12):.2f}x | "
+    log(f"FD at {res['nfe']} NFE: {fd['mean']:.3f}{spread} in {ev.feature_space()}; data baseline (train vs "
+        f"test): {res['baseline_fd']:.3f}; ratio {fd['mean'] / max(res['baseline_fd'], 1e-12):.2f}x | "
         f"SW: {sw['mean']:.4f} vs baseline {res['baseline_sw']:.4f} | nearest-train-image distance ratio "
         f"{nn_ratio['mean']:.2f} (1 = as novel as test images)")
+    ev.warn_sample_count(num, log)
     return res
