@@ -19,6 +19,7 @@ and output (a model, not a measurement; the CPU allocator keeps no peak statisti
 import functools
 import os
 
+import baselines
 import pytest
 import torch
 
@@ -27,7 +28,7 @@ from conftest import HAS_CUDA, set_baseline
 import ipfm_fast as ipf
 from ipfm_fast import backends
 from ipfm_fast import reference as ref
-from ipfm_fast.ops.field_target import field_target_eager
+from ipfm_fast.schedules import sample_sigma_train
 
 OP = "field_target"
 D = 128.0
@@ -50,7 +51,7 @@ def inputs(size, regime):
     if regime == "sigma=80":
         sigma = torch.full((rows,), 80.0)
     else:
-        sigma = ref.sample_sigma_train(rows, generator=g)
+        sigma = sample_sigma_train(rows, generator=g)
     y = ref.perturb(x[:rows], sigma, D, generator=g)
     exact = ref.field_target(y.double(), sigma.double(), x.double(), D)
     return y.to(DEVICE), sigma.to(DEVICE), x.to(DEVICE), exact
@@ -67,12 +68,12 @@ _compiled = {}
 
 def provider_fn(provider, y, sigma, x):
     if provider == "float64-pfgmpp":
-        return lambda: ref.field_target_pfgmpp_style(y, sigma, x, D)
+        return lambda: baselines.field_target_pfgmpp_style(y, sigma, x, D)
     if provider == "fp32-eager":
-        return lambda: field_target_eager(y, sigma, x, D)
+        return lambda: baselines.field_target_eager(y, sigma, x, D)
     if provider == "fp32-eager-compiled":
         if "fn" not in _compiled:
-            _compiled["fn"] = torch.compile(field_target_eager, dynamic=False)
+            _compiled["fn"] = torch.compile(baselines.field_target_eager, dynamic=False)
         return lambda: _compiled["fn"](y, sigma, x, D)
     return lambda: ipf.field_target(y, sigma, x, D, backend=provider)
 

@@ -11,12 +11,12 @@ import functools
 import os
 
 import pytest
+import baselines
 import torch
 from conftest import HAS_CUDA, set_baseline
 
 import ipfm_fast as ipf
 from ipfm_fast import backends
-from ipfm_fast import reference as ref
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 SIZES = {"B=256,N=3*32*32": (256, 3, 32, 32), "B=64,N=3*64*64": (64, 3, 64, 64)}
@@ -34,8 +34,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
 
 def _eager(op):
     if op == "ipfm_generator_loss":
-        return lambda a, b, x, sigma: ref.ipfm_generator_loss_sid_style(a, b, x, alpha=ALPHA)
-    return lambda a, b, x, sigma: ref.ipfm_fake_loss_edm_style(b, x, sigma)
+        return lambda a, b, x, sigma: baselines.ipfm_generator_loss_sid_style(a, b, x, alpha=ALPHA)
+    return lambda a, b, x, sigma: baselines.ipfm_fake_loss_edm_style(b, x, sigma)
 
 
 @functools.cache

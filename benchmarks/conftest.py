@@ -22,7 +22,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import ipfm_fast  # noqa: E402
+import ipfm_fast  # noqa: E402, F401  (imported before the benchmarks, with TRITON_INTERPRET set above)
 from ipfm_fast import backends  # noqa: E402
 
 from _env import device_name, device_slug, versions  # noqa: E402

@@ -9,7 +9,7 @@ iterations, measured in one run after warm-up, in interleaved rounds (medians).
         --mults 1 2 2 2 --batch 256      # CIFAR-10 size, 47M-parameter U-Net
 
 The reference-style loop: the perturbation drawn with a NumPy Beta on the host and a
-normalised Gaussian (ipfm_fast.reference.perturb_pfgmpp_style), the losses as eager
+normalised Gaussian (baselines.perturb_pfgmpp_style), the losses as eager
 formulas, fp32, plain Adam, ``.item()`` logging every step. The ipfm_fast loop is
 ``ipfm_fast.train.distill.train_step`` as ``ipfm-fast distill`` runs it, with its networks
 compiled (``--compile on``, the default here; ``ipfm-fast distill`` compiles by default on
@@ -36,7 +36,9 @@ sys.path.insert(0, HERE)
 
 from _env import device_name, device_slug, versions  # noqa: E402
 from ipfm_fast.models import build_denoiser, count_params, model_config  # noqa: E402
-from ipfm_fast.reference import fake_loss_weight, perturb_pfgmpp_style, sample_sigma_distill, sample_sigma_train  # noqa: E402
+from baselines import perturb_pfgmpp_style  # noqa: E402
+from ipfm_fast.reference import fake_loss_weight  # noqa: E402
+from ipfm_fast.schedules import sample_sigma_distill, sample_sigma_train  # noqa: E402
 from ipfm_fast.train import distill  # noqa: E402
 
 

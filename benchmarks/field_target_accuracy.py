@@ -21,10 +21,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import baselines  # noqa: E402
 import ipfm_fast as ipf  # noqa: E402
 from ipfm_fast import backends  # noqa: E402
 from ipfm_fast import reference as ref  # noqa: E402
-from ipfm_fast.ops.field_target import field_target_eager  # noqa: E402
 
 
 def make_case(rows, m, n, sigma, D, spread, mean, seed=0):
@@ -65,7 +67,7 @@ def main(argv=None):
                 s = -d2 / (2 * sigma**2) if math.isinf(D) else -0.5 * (args.n + D) * torch.log(d2 + D * sigma**2)
                 eff = (1 / torch.softmax(s, 1).square().sum(1)).median().item()
                 errs = [rel_err(ipf.field_target(y.to(device), sigma, x.to(device), D, backend=b), t64) for b in names]
-                e_eager = rel_err(field_target_eager(y.to(device), sigma, x.to(device), D), t64)
+                e_eager = rel_err(baselines.field_target_eager(y.to(device), sigma, x.to(device), D), t64)
                 for b, e in zip(names + ["eager"], errs + [e_eager]):
                     worst[b] = max(worst[b], e)
                 print(f"| {D:g} | {sigma:g} | {spread:g} | {mean:g} | {eff:.1f} | "

@@ -20,10 +20,9 @@ import json
 import os
 import sys
 import time
-import types
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -31,55 +30,14 @@ sys.path.insert(0, HERE)
 import e2e  # noqa: E402
 from _env import device_name, device_slug, versions  # noqa: E402
 from ipfm_fast.models import count_params  # noqa: E402
-from ipfm_fast.ops import losses as loss_ops  # noqa: E402
-from ipfm_fast.ops import perturb as perturb_ops  # noqa: E402
+import ipfm_fast  # noqa: E402, F401  (registers every op Function in _op.FUNCTIONS)
+from ipfm_fast.ops import _op  # noqa: E402
 from ipfm_fast.train import distill  # noqa: E402
 
-LABEL = "ipfm_step::"
+LABEL = distill.PROFILE_LABEL  # the loop's own profiler ranges (distill.region)
 CATEGORIES = ("networks", "ipfm_fast ops", "optimizer + EMA", "elsewhere")
-# the autograd nodes of the ops' eager autograd.Functions (their backward passes)
-OP_NODES = tuple(f.__name__ + "Backward" for f in (perturb_ops._PerturbFunction, perturb_ops._NoiseFunction,
-                                                     loss_ops._GenLoss, loss_ops._FakeLoss))
-
-
-def _labeled(fn, category):
-    def call(*args, **kwargs):
-        with record_function(LABEL + category):
-            return fn(*args, **kwargs)
-
-    return call
-
-
-class _Labels:
-    """Wraps the networks, the ops and the updates of a DistillState in record_function
-    ranges for the duration of a ``with`` block (profiling only: the loop itself carries
-    no labels)."""
-
-    def __init__(self, state):
-        self.state = state
-
-    def __enter__(self):
-        st = self.state
-        self.saved = dict(nets={k: getattr(st, k) for k in ("generator", "fake", "fake_fwd", "teacher")},
-                          ema=st.ema.update, ipf=distill.ipf, ops=distill._ops, finish=distill._finish_update)
-        for k, net in self.saved["nets"].items():
-            setattr(st, k, _labeled(net, "networks"))
-        st.ema.update = _labeled(st.ema.update, "optimizer + EMA")
-        distill.ipf = types.SimpleNamespace(perturb=_labeled(distill.ipf.perturb, "ipfm_fast ops"),
-                                            sample_prior=_labeled(distill.ipf.sample_prior, "ipfm_fast ops"))
-        distill._ops = types.SimpleNamespace(
-            ipfm_fake_loss=_labeled(distill._ops.ipfm_fake_loss, "ipfm_fast ops"),
-            ipfm_generator_loss=_labeled(distill._ops.ipfm_generator_loss, "ipfm_fast ops"))
-        distill._finish_update = _labeled(distill._finish_update, "optimizer + EMA")
-        return self
-
-    def __exit__(self, *exc):
-        st = self.state
-        for k, net in self.saved["nets"].items():
-            setattr(st, k, net)
-        del st.ema.update  # the instance attribute; the method shows through again
-        distill.ipf, distill._ops, distill._finish_update = self.saved["ipf"], self.saved["ops"], self.saved["finish"]
-        return False
+# the autograd nodes of the ops' autograd.Functions (their backward passes run by the engine)
+OP_NODES = tuple(f.__name__ + "Backward" for f in _op.FUNCTIONS)
 
 
 def _boundary(event):
@@ -141,7 +99,7 @@ def main(argv=None):
     plain_ms = (time.perf_counter() - t0) / args.iters * 1e3
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with _Labels(state), profile(activities=activities) as prof:
+    with profile(activities=activities) as prof:
         sync()
         t0 = time.perf_counter()
         for step in range(args.warmup + args.iters, args.warmup + 2 * args.iters):

@@ -13,14 +13,18 @@ Every op takes ``backend=`` "auto" | "triton" | "cuda" | "cpu" | "reference";
 
 __version__ = "0.1.0"
 
-from ipfm_fast import errors, reference  # noqa: E402
+from ipfm_fast import errors  # noqa: E402
+from ipfm_fast import reference  # noqa: E402,F401 - the spec: ipfm_fast.reference.<op>, see __all__
 from ipfm_fast.backends import BACKENDS  # noqa: E402
 from ipfm_fast.errors import BackendUnavailable, IpfmError  # noqa: E402
 from ipfm_fast.ops.field_target import field_target  # noqa: E402
 from ipfm_fast.ops.losses import ipfm_fake_loss, ipfm_generator_loss  # noqa: E402
 from ipfm_fast.ops.perturb import perturb, sample_prior  # noqa: E402
-from ipfm_fast.reference import r_to_sigma, sigma_to_r  # noqa: E402
+from ipfm_fast.schedules import r_to_sigma, sigma_to_r  # noqa: E402
 
+# What a user calls. The reference (the spec and the fallback) is reached through
+# backend="reference" on every op; the module stays importable for tests and for code that
+# compares against the spec, but a star import should not bind a name as generic as `reference`.
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
@@ -31,7 +35,6 @@ __all__ = [
     "errors",
     "perturb",
     "r_to_sigma",
-    "reference",
     "sample_prior",
     "sigma_to_r",
 ]

@@ -252,10 +252,11 @@ def load_optimizer(optimizer, tensors, meta, device, prefix="optim/"):
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_state(path, *, modules, optimizers, generators, step, config, model_cfg=None, extra=None):
-    """Write a training checkpoint of any loop: ``modules`` name -> nn.Module (e.g.
-    {"model": ..., "ema": ...} or {"generator": ..., "generator_ema": ..., "fake": ...}),
-    ``optimizers`` name -> torch.optim.Optimizer, ``generators`` name -> torch.Generator.
+def save_state(path, *, modules, optimizers, rngs, step, config, model_cfg=None, extra=None):
+    """Write the training checkpoint of a loop (the teacher's and distillation's alike):
+    ``modules`` name -> nn.Module (e.g. {"model": ..., "ema": ...} or {"generator": ...,
+    "generator_ema": ..., "fake": ...}), ``optimizers`` name -> torch.optim.Optimizer,
+    ``rngs`` name -> torch.Generator.
     ``model_cfg`` (default ``config["model"]``) lets :func:`load_denoiser` rebuild the nets."""
     tensors, opt_meta = {}, {}
     for name, module in modules.items():
@@ -264,15 +265,15 @@ def save_state(path, *, modules, optimizers, generators, step, config, model_cfg
         t, m = optimizer_tensors(opt)
         tensors.update({f"{name}/{k}": v for k, v in t.items()})
         opt_meta[name] = m
-    for name, g in generators.items():
-        tensors[f"rng/{name}"] = g.get_state().to("cpu").clone()
+    for name, rng in rngs.items():
+        tensors[f"rng/{name}"] = rng.get_state().to("cpu").clone()
     meta = dict(kind="training", step=int(step), config=config,
                 model=model_cfg if model_cfg is not None else config.get("model"),
                 modules=sorted(modules), optimizers=opt_meta, **(extra or {}))
     return _atomic_save(tensors, meta, path)
 
 
-def load_state(path, *, modules, optimizers, generators, device):
+def load_state(path, *, modules, optimizers, rngs, device):
     """Restore what :func:`save_state` wrote, in place; returns the metadata (``["step"]``)."""
     tensors, meta = read(path)
     if meta.get("kind") != "training":
@@ -286,24 +287,12 @@ def load_state(path, *, modules, optimizers, generators, device):
         if name not in meta.get("optimizers", {}):
             raise BadFile(f"--resume: {path!r} has no optimizer state {name!r}")
         load_optimizer(opt, _unflat(name, tensors), meta["optimizers"][name], device, prefix="optim/")
-    for name, g in generators.items():
+    for name, rng in rngs.items():
         key = f"rng/{name}"
         if key not in tensors:
             raise BadFile(f"--resume: {path!r} lacks the random state {name!r}")
-        g.set_state(tensors[key])
+        rng.set_state(tensors[key])
     return meta
-
-
-def save_training(path, *, model, ema, optimizer, generators, step, config, extra=None):
-    """The teacher's checkpoint: online weights ``model/``, EMA ``ema/``, Adam ``opt/``."""
-    return save_state(path, modules={"model": model, "ema": ema}, optimizers={"opt": optimizer},
-                      generators=generators, step=step, config=config, extra=extra)
-
-
-def load_training(path, *, model, ema, optimizer, generators, device):
-    """Restore a teacher checkpoint in place; returns its metadata (``meta["step"]``)."""
-    return load_state(path, modules={"model": model, "ema": ema}, optimizers={"opt": optimizer},
-                      generators=generators, device=device)
 
 
 # --------------------------------------------------------------------------------------

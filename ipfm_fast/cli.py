@@ -12,6 +12,8 @@ import sys
 import time
 
 from ipfm_fast.errors import Interrupted, InvalidInput, IpfmError, MissingFile
+from ipfm_fast.train.knobs import (INT_LIST, add_options, add_runtime_options, from_args, nonneg_int, parse_D,
+                                   positive_int)
 
 
 def add_info(sub):
@@ -29,64 +31,31 @@ def cmd_info(args):
 
 
 # --------------------------------------------------------------------------------------
-# shared argument types
+# shared options (argument types and the runtime texts live in ipfm_fast.train.knobs)
 # --------------------------------------------------------------------------------------
 
 
-def parse_D(text):
-    """--D: a positive number or inf (the EDM / diffusion limit)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"D must be a positive number or 'inf', got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"D must be > 0 (or inf), got {text!r}")
-    return value
-
-
-def _int_at_least(lowest, expected):
-    """An argparse type: an integer >= ``lowest``, else an error saying ``expected``."""
-
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_nonneg_int = _int_at_least(0, "an integer >= 0")
-
-
-def _int_list(text):
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
-
-
-class _Flatten(argparse.Action):
-    """``nargs="+"`` of :func:`_int_list` values -> one list: the documented ``--mults 1 2 2``
-    and the older ``--mults 1,2,2`` give the same."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, [v for part in values for v in part])
+def _add_progress(p):
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm progress bars (default: when stderr is a terminal)")
 
 
 def _add_runtime(p):
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available; default)")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    g.add_argument("--threads", default="auto",
-                   help="CPU threads: auto (1 for models under 2M parameters, else torch's default) or a number")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="tqdm progress bars (default: when stderr is a terminal)")
+    """The runtime options of a command without a config (sample, evaluate)."""
+    _add_progress(add_runtime_options(p))
+
+
+def _add_run_flags(p):
+    """The options of a training command that are not part of its config."""
+    g = p.add_argument_group("run folder")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from --out/checkpoint.safetensors (bit-identical on CPU); the recipe comes from the "
+                        "checkpoint: only the budget, the device and the output settings may be given")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out folder that already holds a run (its checkpoint is deleted)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out unreadable image files of a --data folder (each is named) instead of stopping")
+    _add_progress(g)
 
 
 def _log(msg):
@@ -101,16 +70,17 @@ def _exit_code(summary):
     return EXIT_CODES.get((summary or {}).get("stopped"), 0)
 
 
-def _check_resume_flags(args, ckpt_path, resumable, also_free=()):
-    """--resume continues the saved recipe: a recipe flag given with a different value than
-    the checkpoint's would be ignored, so it is refused, naming each one."""
+def _check_resume_flags(args, ckpt_path, resumable):
+    """--resume continues the saved recipe: a recipe flag (a config field a resume may not
+    change) given with another value than the checkpoint's would be ignored, so it is
+    refused, naming each one."""
     from ipfm_fast.checkpoint import decode_D, read_meta
 
     if not os.path.exists(ckpt_path):
         return  # the run says there is nothing to resume
     saved = read_meta(ckpt_path).get("config", {})
     conflicts = []
-    for dest in sorted(args.given - set(resumable) - set(also_free)):
+    for dest in sorted(args.given - set(resumable)):
         if dest not in saved:
             continue
         value, was = getattr(args, dest), saved[dest]
@@ -140,7 +110,6 @@ def _shown(v):
 def add_train_teacher(sub):
     from ipfm_fast.train.teacher import TeacherConfig
 
-    d = TeacherConfig()
     p = sub.add_parser(
         "train-teacher", help="train a PFGM++ teacher (default: digits, D=128, ~2 min on 2 CPU cores)",
         description="Train a PFGM++ denoiser D(y, sigma) -> x with ln sigma ~ N(P_mean, P_std^2), "
@@ -149,71 +118,17 @@ def add_train_teacher(sub):
                     "log.jsonl, summary.json and samples.png into --out, then (unless --eval-samples 0) "
                     "reports the 35-NFE Frechet distance next to the train-vs-test data baseline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=d.data, help="'digits', a folder of PNG/JPEG images or an .npz of uint8 images")
-    p.add_argument("--test-fraction", type=float, default=d.test_fraction,
-                   help="held-out fraction for folder/.npz data without a given split (digits: 360 images)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out unreadable image files of a --data folder (each is named) instead of stopping")
-    p.add_argument("--out", default=d.out, help="run folder")
-    p.add_argument("--D", type=parse_D, default=d.D, help="augmentation dimension: a positive number or inf (EDM)")
-    m = p.add_argument_group("model")
-    m.add_argument("--arch", default=d.arch, choices=("auto", "mlp", "unet"),
-                   help="raw network inside EDM preconditioning; auto = MLP for images of <= 1024 values "
-                        "(e.g. 8x8 digits), U-Net for larger ones")
-    m.add_argument("--width", type=_positive_int, default=None,
-                   help="MLP width (default 128) or U-Net base channels (default 32)")
-    m.add_argument("--depth", type=_positive_int, default=None,
-                   help="MLP residual blocks (default 3) or U-Net blocks per resolution (default 1)")
-    m.add_argument("--mults", type=_int_list, nargs="+", action=_Flatten, default=None,
-                   help="U-Net channel multipliers, one per resolution, e.g. --mults 1 2 2 (default by image size: 1 2 up "
-                        "to 8x8, 1 2 2 up to 16x16, 1 2 2 2 above)")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=_positive_int, default=d.steps, help="training steps (one batch each)")
-    o.add_argument("--batch", type=_positive_int, default=d.batch, help="images per step")
-    o.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (after a linear warm-up)")
-    o.add_argument("--warmup", type=_nonneg_int, default=d.warmup, help="warm-up steps")
-    o.add_argument("--ema", type=float, default=d.ema, help="EMA decay per step (with a short warm-up)")
-    o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (0: off)")
-    o.add_argument("--p-mean", type=float, default=d.p_mean, help="mean of ln sigma")
-    o.add_argument("--p-std", type=float, default=d.p_std, help="std of ln sigma")
-    o.add_argument("--target", default=d.target, choices=("x", "field"),
-                   help="regression target: the clean batch x, or the reference-batch field target (STF)")
-    o.add_argument("--ref-batch", type=_positive_int, default=d.ref_batch,
-                   help="reference batch size M for --target field (the batch plus M - batch other images)")
-    o.add_argument("--seed", type=int, default=d.seed, help="seed of the initial weights, batch order and noise")
-    r = p.add_argument_group("checkpoints, logs and evaluation")
-    r.add_argument("--resume", action="store_true",
-                   help="continue from --out/checkpoint.safetensors (bit-identical on CPU); the recipe comes from "
-                        "the checkpoint: only the budget (--steps), the device and the output settings may be given")
-    r.add_argument("--overwrite", action="store_true",
-                   help="start over in an --out folder that already holds a run (its checkpoint is deleted)")
-    r.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every,
-                   help="steps between checkpoints (one is also written at the end and on SIGINT/SIGTERM)")
-    r.add_argument("--log-every", type=_positive_int, default=d.log_every, help="steps per log.jsonl line")
-    r.add_argument("--eval-samples", type=_nonneg_int, default=None,
-                   help="samples for the final evaluation (default: the training split's size; 0: skip)")
-    r.add_argument("--eval-steps", type=_positive_int, default=d.eval_steps,
-                   help="Heun steps of the final evaluation and samples.png (NFE = 2 steps - 1)")
-    _add_runtime(p)
+    add_options(p, TeacherConfig)
+    _add_run_flags(p)
 
 
 def cmd_train_teacher(args):
-    from ipfm_fast.train.teacher import TeacherConfig, train_teacher
+    from ipfm_fast.train.teacher import RESUMABLE, TeacherConfig, train_teacher
 
-    cfg = TeacherConfig(
-        data=args.data, out=args.out, D=args.D, arch=args.arch, width=args.width, depth=args.depth, mults=args.mults,
-        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, ema=args.ema, grad_clip=args.grad_clip,
-        p_mean=args.p_mean, p_std=args.p_std, target=args.target, ref_batch=args.ref_batch, seed=args.seed,
-        device=args.device, precision=args.precision, threads=args.threads,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, eval_samples=args.eval_samples,
-        eval_steps=args.eval_steps, test_fraction=args.test_fraction)
     if args.resume:
-        from ipfm_fast.train.teacher import RESUMABLE
-
-        _check_resume_flags(args, os.path.join(args.out, "checkpoint.safetensors"), RESUMABLE,
-                            also_free=("resume", "progress", "skip_bad_images", "test_fraction"))
-    summary = train_teacher(cfg, resume=args.resume, overwrite=args.overwrite, skip_bad_images=args.skip_bad_images,
-                            progress=args.progress, log=_log)
+        _check_resume_flags(args, os.path.join(args.out, "checkpoint.safetensors"), RESUMABLE)
+    summary = train_teacher(from_args(TeacherConfig, args), resume=args.resume, overwrite=args.overwrite,
+                            skip_bad_images=args.skip_bad_images, progress=args.progress, log=_log)
     print(f"summary: {os.path.join(args.out, 'summary.json')}")
     return _exit_code(summary)
 
@@ -235,7 +150,7 @@ def _add_model_source(p):
     p.add_argument("--D", type=parse_D, default=None,
                    help="augmentation dimension: only for files that do not record it (pickles); default: the "
                         "file's")
-    p.add_argument("--shape", type=_int_list, nargs="+", action=_Flatten, default=None,
+    p.add_argument("--shape", **INT_LIST, default=None,
                    help="one sample's shape C H W: only for files that do not record it (pickles)")
 
 
@@ -284,14 +199,14 @@ def add_sample(sub):
                     "for a seed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_source(p)
-    p.add_argument("--num", type=_positive_int, default=100, help="number of samples")
+    p.add_argument("--num", type=positive_int, default=100, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draw (same seed, same samples)")
     g = p.add_argument_group("teacher sampler (not for one-step generators)")
-    g.add_argument("--steps", type=_positive_int, default=18, help="Heun steps (NFE = 2 steps - 1)")
+    g.add_argument("--steps", type=positive_int, default=18, help="Heun steps (NFE = 2 steps - 1)")
     g.add_argument("--sigma-max", type=float, default=80.0, help="noise level of the prior the ODE starts from")
     g.add_argument("--sigma-min", type=float, default=0.002, help="last noise level before the final step to 0")
     g.add_argument("--rho", type=float, default=7.0, help="EDM's time-step spacing exponent")
-    p.add_argument("--batch", type=_positive_int, default=1000, help="samples per network batch")
+    p.add_argument("--batch", type=positive_int, default=1000, help="samples per network batch")
     p.add_argument("--png", default=None, help="write a grid of (up to 400) samples here")
     p.add_argument("--npz", default=None, help="write all samples here (uint8 x [N, H, W, C] and float x_float)")
     _add_runtime(p)
@@ -303,7 +218,7 @@ def _generate_or_sample(mf, num, *, seed, device, precision, batch, progress=Non
     teacher. Returns (samples, NFE)."""
     from ipfm_fast.sampling import nfe, sample
     from ipfm_fast.train import common
-    from ipfm_fast.train.distill import generate
+    from ipfm_fast.train.evaluation import generate
 
     amp = lambda: common.autocast(device, precision)  # noqa: E731
     if mf.role == "generator":
@@ -377,16 +292,16 @@ def add_evaluate(sub):
                    help="allow loading a pickle (.pkl/.pt): this EXECUTES CODE from the file; only for trusted files")
     p.add_argument("--D", type=parse_D, default=None,
                    help="augmentation dimension: only for files that do not record it (pickles)")
-    p.add_argument("--shape", type=_int_list, nargs="+", action=_Flatten, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--shape", **INT_LIST, default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None,
                    help="data set to compare with (default: the one the model or the samples record, else digits)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="as in train-teacher")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave out unreadable image files of a --data folder (each is named) instead of stopping")
-    p.add_argument("--seeds", type=_positive_int, default=5, help="sampling seeds 0..N-1 (mean and spread reported)")
-    p.add_argument("--num", type=_positive_int, default=None,
+    p.add_argument("--seeds", type=positive_int, default=5, help="sampling seeds 0..N-1 (mean and spread reported)")
+    p.add_argument("--num", type=positive_int, default=None,
                    help="samples per seed (default: the training split's size, the baseline's sample count)")
-    p.add_argument("--steps", type=_positive_int, default=18, help="teacher's Heun steps (NFE = 2 steps - 1)")
+    p.add_argument("--steps", type=positive_int, default=18, help="teacher's Heun steps (NFE = 2 steps - 1)")
     p.add_argument("--cache-dir", default=None,
                    help="where the FD classifier is cached (default: the model's run folder, or next to --samples)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
@@ -411,8 +326,7 @@ def cmd_evaluate(args):
     from ipfm_fast.models import count_params
     from ipfm_fast.sampling import read_npz_meta
     from ipfm_fast.train import common
-    from ipfm_fast.train.distill import evaluate_generator
-    from ipfm_fast.train.teacher import evaluate_denoiser
+    from ipfm_fast.train.evaluation import evaluate_denoiser, evaluate_generator
 
     if args.json_out:
         check_writable(args.json_out, what="--json")
@@ -469,9 +383,8 @@ def cmd_evaluate(args):
 
 
 def add_distill(sub):
-    from ipfm_fast.train.distill import SWITCHES, DistillConfig
+    from ipfm_fast.train.distill import DistillConfig
 
-    d = DistillConfig()
     p = sub.add_parser(
         "distill", help="distil a teacher into a one-step generator with IPFM (D = inf: SiD)",
         description="IPFM distillation: generator G(z) = D_theta(z, sigma_init) and fake network start from the "
@@ -483,83 +396,20 @@ def add_distill(sub):
                     "distill ... (DDP; gloo on CPU, nccl on CUDA); results do not depend on P for a fixed "
                     "--micro-batch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", default=d.teacher,
-                   help="teacher run folder or teacher.safetensors (a one-step generator is refused)")
-    p.add_argument("--out", default=d.out, help="run folder")
-    p.add_argument("--D", type=parse_D, default=None,
-                   help="augmentation dimension (default: the teacher's; another value, e.g. inf = SiD, is allowed "
-                        "with a warning)")
-    p.add_argument("--data", default=None,
-                   help="data set for the periodic evaluation (default: the teacher's; must have its image shape)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out unreadable image files of a --data folder (each is named) instead of stopping")
-    m = p.add_argument_group("IPFM")
-    m.add_argument("--alpha", type=float, default=d.alpha, help="generator-loss alpha (1/2: plain IPFM; 1.2: SiD's)")
-    m.add_argument("--fake-steps", type=_positive_int, default=d.fake_steps, help="fake updates per iteration")
-    m.add_argument("--sigma-init", type=float, default=d.sigma_init, help="the generator's noise level and prior")
-    m.add_argument("--t-max", type=float, default=d.t_max, help="generator-step levels: t ~ U[0, t_max/1000]")
-    m.add_argument("--p-mean", type=float, default=d.p_mean, help="fake-step ln sigma mean")
-    m.add_argument("--p-std", type=float, default=d.p_std, help="fake-step ln sigma std")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=_positive_int, default=d.steps, help="iterations")
-    o.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
-    o.add_argument("--batch", type=_positive_int, default=d.batch, help="global batch (all processes)")
-    o.add_argument("--micro-batch", type=_positive_int, default=None,
-                   help="rows per micro-batch (gradient accumulation; default: batch / processes). Part of the "
-                        "recipe: runs with equal --micro-batch match whatever the number of processes")
-    o.add_argument("--lr", type=float, default=d.lr, help="generator Adam learning rate (betas 0, 0.999)")
-    o.add_argument("--lr-fake", type=float, default=None, help="fake-network learning rate (default: --lr)")
-    o.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the generator per iteration")
-    o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (0: off)")
-    o.add_argument("--seed", type=int, default=d.seed, help="seed of every random draw of the run")
-    o.add_argument("--max-bad-steps", type=_positive_int, default=d.max_bad_steps,
-                   help="stop after this many iterations in a row with non-finite losses or gradients (checked at "
-                        "every log line: the loop reads its statistics from the device only then)")
-    f = p.add_argument_group("speed")
-    f.add_argument("--compile", choices=SWITCHES, default=d.compile,
-                   help="torch.compile the networks (auto: on CUDA; the first iterations then compile)")
-    f.add_argument("--channels-last", choices=SWITCHES, default=d.channels_last,
-                   help="channels_last memory format for convolutional networks (auto: on CUDA)")
-    f.add_argument("--cuda-graph", action="store_true",
-                   help="capture the whole iteration in a CUDA graph after 3 warm-up iterations and replay it "
-                        "(CUDA, one process)")
-    r = p.add_argument_group("checkpoints, logs and evaluation")
-    r.add_argument("--resume", action="store_true",
-                   help="continue from --out/checkpoint.safetensors (bit-identical on CPU, any number of processes)")
-    r.add_argument("--overwrite", action="store_true",
-                   help="start over in an --out folder that already holds a run (its checkpoint is deleted)")
-    r.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every,
-                   help="iterations between checkpoints (one is also written at the end and on SIGINT/SIGTERM)")
-    r.add_argument("--log-every", type=_positive_int, default=d.log_every,
-                   help="iterations per log.jsonl line (statistics are read from the device only then)")
-    r.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every,
-                   help="iterations between 1-NFE scores of the EMA generator (keeps the best; 0: off)")
-    r.add_argument("--eval-samples", type=_positive_int, default=d.eval_samples,
-                   help="samples per periodic score (1 NFE: cheap; more samples = a less noisy choice of checkpoint)")
-    r.add_argument("--final-eval-seeds", type=_nonneg_int, default=5,
-                   help="score the kept generator against the test split over this many seeds at the end (0: skip)")
-    _add_runtime(p)
+    groups = add_options(p, DistillConfig)
+    groups["checkpoints, logs and evaluation"].add_argument(
+        "--final-eval-seeds", type=nonneg_int, default=5,
+        help="score the kept generator against the test split over this many seeds at the end (0: skip)")
+    _add_run_flags(p)
 
 
 def cmd_distill(args):
-    from ipfm_fast.train.distill import DistillConfig, distill, final_evaluation
+    from ipfm_fast.train.distill import RESUMABLE, DistillConfig, distill, final_evaluation
 
-    cfg = DistillConfig(
-        teacher=args.teacher, out=args.out, D=args.D, data=args.data, alpha=args.alpha, fake_steps=args.fake_steps,
-        sigma_init=args.sigma_init, t_max=args.t_max, p_mean=args.p_mean, p_std=args.p_std, steps=args.steps,
-        time_budget=args.time_budget, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
-        lr_fake=args.lr_fake, ema=args.ema, grad_clip=args.grad_clip, seed=args.seed,
-        max_bad_steps=args.max_bad_steps, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        eval_every=args.eval_every, eval_samples=args.eval_samples, device=args.device, precision=args.precision,
-        threads=args.threads, compile=args.compile, channels_last=args.channels_last,
-        cuda_graph=args.cuda_graph)
     if args.resume:
-        from ipfm_fast.train.distill import RESUMABLE
-
-        _check_resume_flags(args, os.path.join(args.out, "checkpoint.safetensors"), RESUMABLE,
-                            also_free=("resume", "progress", "skip_bad_images", "final_eval_seeds"))
-    summary = distill(cfg, resume=args.resume, overwrite=args.overwrite, skip_bad_images=args.skip_bad_images,
-                      progress=args.progress, log=_log)
+        _check_resume_flags(args, os.path.join(args.out, "checkpoint.safetensors"), RESUMABLE)
+    summary = distill(from_args(DistillConfig, args), resume=args.resume, overwrite=args.overwrite,
+                      skip_bad_images=args.skip_bad_images, progress=args.progress, log=_log)
     if "rank" in summary:  # not rank 0: nothing to report
         return _exit_code(summary)
     if args.final_eval_seeds and summary.get("stopped") not in ("SIGTERM", "SIGINT"):
@@ -584,8 +434,8 @@ def add_demo(sub):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder (the teacher is cached in OUT/teacher)")
     p.add_argument("--teacher-dir", default=None, help="where the teacher is trained/reused (default: OUT/teacher)")
-    p.add_argument("--seeds", type=_positive_int, default=5, help="sampling seeds per score")
-    p.add_argument("--distill-steps", type=_positive_int, default=1500,
+    p.add_argument("--seeds", type=positive_int, default=5, help="sampling seeds per score")
+    p.add_argument("--distill-steps", type=positive_int, default=1500,
                    help="distillation iterations (fixed, so the numbers are reproducible)")
     p.add_argument("--distill-seconds", type=float, default=360.0,
                    help="safety cap on the distillation time (keeps a heavily loaded machine under 10 minutes)")
@@ -618,10 +468,10 @@ def add_study(sub):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/study", help="output folder (teachers and runs inside; study.md/json/png)")
     p.add_argument("--D", dest="Ds", type=parse_D, nargs="+", default=[128.0, math.inf], help="values of D to compare")
-    p.add_argument("--distill-steps", type=_positive_int, default=800, help="iterations per distillation")
-    p.add_argument("--distill-seeds", type=_positive_int, default=3, help="distillations per D (seeds 0..N-1)")
-    p.add_argument("--teacher-seeds", type=_positive_int, default=3, help="sampling seeds of the teachers' 35-NFE FD")
-    p.add_argument("--eval-every", type=_positive_int, default=40, help="iterations between scores of each run")
+    p.add_argument("--distill-steps", type=positive_int, default=800, help="iterations per distillation")
+    p.add_argument("--distill-seeds", type=positive_int, default=3, help="distillations per D (seeds 0..N-1)")
+    p.add_argument("--teacher-seeds", type=positive_int, default=3, help="sampling seeds of the teachers' 35-NFE FD")
+    p.add_argument("--eval-every", type=positive_int, default=40, help="iterations between scores of each run")
     p.add_argument("--publish", default=None, help="also copy study.json, study.md and study.png to this folder")
     _add_runtime(p)
 

@@ -4,7 +4,7 @@ r"""Teacher sampling: EDM's Heun ODE in sigma.
     \frac{dy}{d\sigma} = \frac{y - D(y, \sigma)}{\sigma}, \qquad
     y(\sigma_{max}) \sim \text{prior}(\sigma_{max}, D)
 
-on the levels :func:`ipfm_fast.reference.sampler_sigmas` (EDM's rho = 7 spacing from
+on the levels :func:`ipfm_fast.schedules.sampler_sigmas` (EDM's rho = 7 spacing from
 sigma_max = 80 to sigma_min = 0.002, then 0). Each step is a Heun (2nd order) step except
 the last one into sigma = 0, an Euler step: ``steps`` steps cost ``2 * steps - 1``
 denoiser evaluations (18 steps = 35 NFE). The ODE is the same for every D (PFGM++ networks
@@ -20,7 +20,7 @@ import torch
 import ipfm_fast as ipf
 from ipfm_fast._files import replacing
 from ipfm_fast.errors import InvalidInput
-from ipfm_fast.reference import RHO, SIGMA_MAX, SIGMA_MIN, sampler_sigmas
+from ipfm_fast.schedules import RHO, SIGMA_MAX, SIGMA_MIN, sampler_sigmas
 
 
 def nfe(steps):
@@ -62,7 +62,7 @@ class _null:
 
 
 def sample(model, num, shape, D, *, seed=0, steps=18, batch=500, device="cpu", sigma_max=SIGMA_MAX,
-           sigma_min=SIGMA_MIN, rho=RHO, autocast=None, progress=None):
+           sigma_min=SIGMA_MIN, rho=RHO, autocast=None, progress=None, backend="auto"):
     """``num`` samples of shape ``shape`` (one row, e.g. [1, 8, 8]) from a denoiser with the
     Heun sampler. Deterministic for a seed, whatever ``batch`` is: the prior is drawn in
     one call from a generator seeded with ``seed`` on ``device``."""
@@ -71,8 +71,8 @@ def sample(model, num, shape, D, *, seed=0, steps=18, batch=500, device="cpu", s
     if steps < 1:
         raise InvalidInput(f"sample: steps must be >= 1, got {steps}")
     device = torch.device(device)
-    g = torch.Generator(device=device).manual_seed(int(seed))
-    z = ipf.sample_prior((num, *shape), sigma_max, D, device=device, dtype=torch.float32, generator=g)
+    rng = torch.Generator(device=device).manual_seed(int(seed))
+    z = ipf.sample_prior((num, *shape), sigma_max, D, device=device, dtype=torch.float32, generator=rng, backend=backend)
     out = []
     for i in range(0, num, batch):
         out.append(heun_sample(model, z[i:i + batch], steps=steps, sigma_min=sigma_min, sigma_max=sigma_max,

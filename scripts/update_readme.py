@@ -1,5 +1,5 @@
-"""Fills the README's result blocks from the files the runs wrote, so no number in the
-README is typed by hand:
+"""Fills the result blocks of README.md and docs/ from the files the runs wrote, so no
+number there is typed by hand:
 
     demo     docs/demo/metrics.json        (ipfm-fast demo --publish docs/demo)
     study    docs/study/study.md            (ipfm-fast study --publish docs/study)
@@ -8,8 +8,8 @@ README is typed by hand:
     e2e      benchmarks/results/*/distill_step*.json (make bench-e2e)
     profile  benchmarks/results/*/distill_profile.md (make bench-e2e; benchmarks/profile_step.py)
 
-    python scripts/update_readme.py          # rewrite README.md in place
-    python scripts/update_readme.py --check  # exit 1 if README.md is out of date
+    python scripts/update_readme.py          # rewrite the blocks in place
+    python scripts/update_readme.py --check  # exit 1 if one is out of date
 """
 
 import argparse
@@ -58,7 +58,7 @@ def demo_block():
     return "\n".join(rows)
 
 
-def e2e_block():
+def e2e_block(base):
     import glob
 
     rows = ["| device | network | batch | ipfm_fast settings | reference-style loop | ipfm_fast loop | speedup "
@@ -78,52 +78,61 @@ def e2e_block():
         rows.append(f"| {r['device']} | {net['arch']} {'x'.join(map(str, net['shape']))}, {net['parameters']:,} params "
                     f"| {r['batch']} | {how} | {r['reference_images_per_s']:,.0f} images/s "
                     f"| {r['ipfm_fast_images_per_s']:,.0f} images/s | **{r['speedup']:.2f}** | {peak} | {syncs} "
-                    f"| [{r['date'][:10]}]({os.path.relpath(path, ROOT)}) |")
+                    f"| [{r['date'][:10]}]({os.path.relpath(path, os.path.join(ROOT, base))}) |")
     return "\n".join(rows)
 
 
-def profile_block():
+def profile_block(base):
     import glob
 
     parts = []
     for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", "distill_profile.md"))):
         with open(path) as f:
-            parts.append(f.read().strip() + f"\n\n([{os.path.relpath(path, ROOT)}]({os.path.relpath(path, ROOT)}))")
+            parts.append(f.read().strip() + f"\n\n([{os.path.relpath(path, ROOT)}]({os.path.relpath(path, os.path.join(ROOT, base))}))")
     return "\n\n".join(parts)
 
 
+# (file, block) -> the text between <!-- block-table:begin --> and <!-- block-table:end -->
 BLOCKS = {
-    "demo": demo_block,
-    "study": lambda: _tables(_read("docs/study/study.md")),
-    "teacher": lambda: _tables(_read("docs/results/teacher_digits.md")),
-    "perf": lambda: summarize.table(summarize.load()),
-    "e2e": e2e_block,
-    "profile": profile_block,
+    ("README.md", "demo"): demo_block,
+    ("README.md", "perf"): lambda: summarize.table(summarize.load()),
+    ("docs/guide.md", "study"): lambda: _tables(_read("docs/study/study.md")),
+    ("docs/guide.md", "teacher"): lambda: _tables(_read("docs/results/teacher_digits.md")),
+    ("docs/performance.md", "e2e"): lambda: e2e_block("docs"),
+    ("docs/performance.md", "profile"): lambda: profile_block("docs"),
 }
+FILES = sorted({f for f, _ in BLOCKS})
 
 
-def render(readme):
-    for name, make in BLOCKS.items():
+def render(path, text):
+    for (where, name), make in BLOCKS.items():
+        if where != path:
+            continue
         begin, end = f"<!-- {name}-table:begin -->", f"<!-- {name}-table:end -->"
-        if begin not in readme or end not in readme:
-            raise SystemExit(f"README.md has no {begin} ... {end} block")
-        head, rest = readme.split(begin, 1)
+        if begin not in text or end not in text:
+            raise SystemExit(f"{path} has no {begin} ... {end} block")
+        head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
-        readme = f"{head}{begin}\n{make()}\n{end}{tail}"
-    return readme
+        text = f"{head}{begin}\n{make()}\n{end}{tail}"
+    return text
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file is out of date")
     args = parser.parse_args()
-    path = os.path.join(ROOT, "README.md")
-    old = _read("README.md")
-    new = render(old)
-    if args.check:
-        sys.exit(0 if new == old else 1)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
+    stale = []
+    for path in FILES:
+        old = _read(path)
+        new = render(path, old)
+        if new != old:
+            stale.append(path)
+            if not args.check:
+                with open(os.path.join(ROOT, path), "w", encoding="utf-8") as f:
+                    f.write(new)
+    if args.check and stale:
+        print(f"out of date: {', '.join(stale)}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -65,14 +65,15 @@ def test_training_checkpoint_roundtrip(tmp_path):
     g = torch.Generator().manual_seed(5)
     torch.randn(3, generator=g)
     cfg = {"model": model_config("mlp", [1, 4, 4], width=16, depth=1), "D": 128.0}
-    path = ckpt.save_training(tmp_path / "c.safetensors", model=m, ema=ema.model, optimizer=opt,
-                              generators={"train": g}, step=3, config=cfg)
+    path = ckpt.save_state(tmp_path / "c.safetensors", modules={"model": m, "ema": ema.model},
+                           optimizers={"opt": opt}, rngs={"train": g}, step=3, config=cfg)
 
     m2 = _model(9)
     ema2 = EMA(m2, 0.9)
     opt2 = torch.optim.Adam(m2.parameters(), lr=5.0)
     g2 = torch.Generator()
-    meta = ckpt.load_training(path, model=m2, ema=ema2.model, optimizer=opt2, generators={"train": g2}, device="cpu")
+    meta = ckpt.load_state(path, modules={"model": m2, "ema": ema2.model}, optimizers={"opt": opt2},
+                           rngs={"train": g2}, device="cpu")
     assert meta["step"] == 3 and meta["config"] == cfg
     for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
         assert torch.equal(a, b)
@@ -87,8 +88,8 @@ def test_training_checkpoint_roundtrip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()))
     with pytest.raises(ValueError, match="not a training checkpoint"):
         ckpt.save_denoiser(tmp_path / "d.safetensors", m, cfg["model"])
-        ckpt.load_training(tmp_path / "d.safetensors", model=m2, ema=ema2.model, optimizer=opt2,
-                           generators={}, device="cpu")
+        ckpt.load_state(tmp_path / "d.safetensors", modules={"model": m2, "ema": ema2.model},
+                        optimizers={"opt": opt2}, rngs={}, device="cpu")
 
 
 def test_bad_files(tmp_path):
@@ -131,12 +132,12 @@ def test_generic_state_for_other_loops(tmp_path):
         nets[name](torch.randn(2, 1, 4, 4), 1.0).sum().backward()
     for o in opts.values():
         o.step()
-    path = ckpt.save_state(tmp_path / "c.safetensors", modules=nets, optimizers=opts, generators={},
+    path = ckpt.save_state(tmp_path / "c.safetensors", modules=nets, optimizers=opts, rngs={},
                            step=7, config={"D": "inf"}, model_cfg=cfg)
     fresh = {k: _model(9) for k in nets}
     fresh_opts = {"opt_g": torch.optim.Adam(fresh["generator"].parameters()),
                   "opt_f": torch.optim.Adam(fresh["fake"].parameters())}
-    meta = ckpt.load_state(path, modules=fresh, optimizers=fresh_opts, generators={}, device="cpu")
+    meta = ckpt.load_state(path, modules=fresh, optimizers=fresh_opts, rngs={}, device="cpu")
     assert meta["step"] == 7 and fresh_opts["opt_g"].param_groups[0]["betas"] == (0.0, 0.999)
     for k in nets:
         assert all(torch.equal(a, b) for a, b in zip(nets[k].state_dict().values(), fresh[k].state_dict().values()))

@@ -16,7 +16,7 @@ import torch
 import ipfm_fast as ipf
 from ipfm_fast import checkpoint as ckpt
 from ipfm_fast.models import build_denoiser, model_config
-from ipfm_fast.reference import sample_sigma_distill
+from ipfm_fast.schedules import sample_sigma_distill
 from ipfm_fast.train import common
 from ipfm_fast.train import distill as dl
 from ipfm_fast.train.distill import DistillConfig, build_state, distill
@@ -73,10 +73,10 @@ def test_d_inf_generator_gradient_is_sids_formula():
     assert int(masked) == 0 and all(p.grad is None for p in state.fake_net.parameters())
 
     # SiD, written out: y = x + sigma eps; loss = (y_real - y_fake)((y_real - x) - alpha(y_real - y_fake)) / w
-    g = dl.micro_generator("cpu", cfg.seed, step, dl.GEN_PHASE, 0)
-    z = ipf.sample_prior((16, 1, 8, 8), 2.5, math.inf, generator=g)
-    sigma = sample_sigma_distill(16, t_max=800, generator=g)
-    _, eps = ipf.perturb(torch.zeros_like(z), sigma, math.inf, generator=g, return_noise=True)
+    rng = dl.micro_rng("cpu", cfg.seed, step, dl.GEN_PHASE, 0)
+    z = ipf.sample_prior((16, 1, 8, 8), 2.5, math.inf, generator=rng)
+    sigma = sample_sigma_distill(16, t_max=800, generator=rng)
+    _, eps = ipf.perturb(torch.zeros_like(z), sigma, math.inf, generator=rng, return_noise=True)
     gen = build_denoiser(meta["model"])
     gen.load_state_dict(teacher.state_dict())
     x = gen(z, 2.5)
@@ -479,9 +479,9 @@ def test_cuda_graph_needs_cuda_and_one_process():
                         teacher_meta=meta, device="cpu")
     with pytest.raises(ValueError, match="cuda_graph=True"):
         dl.GraphedStep(state)
-    # the keys a graph registers are exactly the generators an iteration draws from
+    # the keys a graph registers are exactly the rngs an iteration draws from
     dl.step_runner(state)(0)
-    assert sorted(state._generators) == sorted(state.draw_keys()) and len(state.draw_keys()) == 3 * 2
+    assert sorted(state._rngs) == sorted(state.draw_keys()) and len(state.draw_keys()) == 3 * 2
 
 
 def test_ema_weight_tensor_matches_the_float_weight():

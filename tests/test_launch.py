@@ -168,10 +168,10 @@ def test_public_ops_reject_sizes_past_the_gpu_limits():
 
 
 def test_field_target_tile_limits():
-    field_op.check_gpu_limits("field_target", "cuda", 2**31 - 1, 64, 64)  # one tile column: fine
+    field_op._check_gpu_sizes("field_target", "cuda", 2**31 - 1, 64, 64)  # one tile column: fine
     with pytest.raises(InvalidInput, match=r"the \[B, N\] = \[2147483647, 2048\] tiles need"):
-        field_op.check_gpu_limits("field_target", "cuda", 2**31 - 1, 1, 2048)
-    field_op.check_gpu_limits("field_target", "cpu", 2**40, 2**40, 2**40)
+        field_op._check_gpu_sizes("field_target", "cuda", 2**31 - 1, 1, 2048)
+    field_op._check_gpu_sizes("field_target", "cpu", 2**40, 2**40, 2**40)
 
 
 def test_loss_programs_match_the_kernel_grid():

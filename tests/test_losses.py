@@ -4,6 +4,8 @@ bad input, torch.library (opcheck, torch.compile). Sizes stay small: without a G
 Triton kernels run in the interpreter (their sm_90 build: tests/test_hopper_compile.py)."""
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,9 @@ from ipfm_fast import _ext
 from ipfm_fast import reference as ref
 from ipfm_fast.errors import InvalidInput, InvalidType
 from ipfm_fast.ops import losses as losses_op
+
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import baselines  # noqa: E402 - plain eager PyTorch as the SiD / EDM loops write the losses
 
 ALPHAS = [0.5, 1.0, 1.2]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -144,7 +149,7 @@ def test_low_precision_within_2x_of_eager(device_backend, dtype, loss_name):
             return ipf.ipfm_generator_loss(a, b, x, alpha=1.2, backend=backend)
 
         def eager(a, b, x):
-            return ref.ipfm_generator_loss_sid_style(a, b, x, alpha=1.2)
+            return baselines.ipfm_generator_loss_sid_style(a, b, x, alpha=1.2)
 
         def exact(a, b, x):
             return ref.ipfm_generator_loss(a, b, x, alpha=1.2)
@@ -155,7 +160,7 @@ def test_low_precision_within_2x_of_eager(device_backend, dtype, loss_name):
             return ipf.ipfm_fake_loss(b, x, sigma, backend=backend)
 
         def eager(b, x):
-            return ref.ipfm_fake_loss_edm_style(b, x, sigma)
+            return baselines.ipfm_fake_loss_edm_style(b, x, sigma)
 
         def exact(b, x):
             return ref.ipfm_fake_loss(b, x, sigma.double())
@@ -417,30 +422,31 @@ def test_bad_backend():
 
 
 def test_opcheck(device_backend):
+    """The leaves (forward and backward custom ops; autograd is the Functions' job, tested
+    through torch.compile below and in test_op_shape.py)."""
     device, backend = device_backend
-    a, b, x = leaves(make_inputs((3, 2, 9), device=device))
-    w = (torch.rand(3, device=device) + 0.5).requires_grad_()
-    sigma = (torch.rand(3, device=device) + 0.2).requires_grad_()
-    a_cl = torch.randn(3, 4, 2, 2, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    a, b, x = make_inputs((3, 2, 9), device=device)
+    w = torch.rand(3, device=device) + 0.5
+    sigma = torch.rand(3, device=device) + 0.2
+    a_cl = torch.randn(3, 4, 2, 2, device=device).contiguous(memory_format=torch.channels_last)
+    gen, fake = torch.ops.ipfm_fast.ipfm_generator_loss, torch.ops.ipfm_fast.ipfm_fake_loss
     cases = [
-        (losses_op._gen_loss_op, (a, b, x, None, 1.2, "mean", backend)),
-        (losses_op._gen_loss_op, (a, b, x, w, 0.5, "none", backend)),
-        (losses_op._gen_loss_op, (a_cl, a_cl.detach() + 1, a_cl.detach() * 2, None, 1.0, "sum", backend)),
-        (losses_op._fake_loss_op, (b, x, sigma, 0.0, 0.5, "mean", backend)),
-        (losses_op._fake_loss_op, (b, x.detach(), None, 2.0, 0.5, "none", backend)),
+        (gen, (a, b, x, None, 1.2, "mean", backend)),
+        (gen, (a, b, x, w, 0.5, "none", backend)),
+        (gen, (a_cl, a_cl + 1, a_cl * 2, None, 1.0, "sum", backend)),
+        (fake, (b, x, sigma, 0.0, 0.5, "mean", backend)),
+        (fake, (b, x, None, 2.0, 0.5, "none", backend)),
     ]
     if backend == "triton":  # the interpreter is slow; the registration is the same
         cases = cases[:1]
     for op, args in cases:
         torch.library.opcheck(op, args)
-    stats = losses_op._gen_loss_op(a, b, x, None, 1.0, "mean", backend)[2].detach()
-    torch.library.opcheck(losses_op._gen_backward_op,
-                          (torch.tensor(1.0, device=device), a.detach(), b.detach(), x.detach(), stats, 1.0, "mean",
-                           True, False, True, backend))
-    fake_stats = losses_op._fake_loss_op(b, x, sigma, 0.0, 0.5, "none", backend)[1].detach()
-    torch.library.opcheck(losses_op._fake_backward_op,
-                          (torch.rand(3, device=device), b.detach(), x.detach(), fake_stats, "none", True, True,
-                           backend))
+    stats = gen(a, b, x, None, 1.0, "mean", backend)[2]
+    torch.library.opcheck(torch.ops.ipfm_fast.ipfm_generator_loss_backward,
+                          (torch.tensor(1.0, device=device), a, b, x, stats, 1.0, "mean", True, False, True, backend))
+    fake_stats = fake(b, x, sigma, 0.0, 0.5, "none", backend)[1]
+    torch.library.opcheck(torch.ops.ipfm_fast.ipfm_fake_loss_backward,
+                          (torch.rand(3, device=device), b, x, fake_stats, "none", True, True, backend))
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])

@@ -220,8 +220,10 @@ def test_prior_gradient(device, backend):
 
 @pytest.mark.parametrize("device,backend", [(d, b) for d, b in ALL if b != "reference"])
 def test_opcheck(device, backend):
-    x = torch.randn(3, 2, 5, device=device, requires_grad=True)
-    sigma = (torch.rand(3, device=device) + 0.1).requires_grad_()
+    """The leaves (autograd is the Functions': test_gradients above, torch.compile below and
+    test_op_shape.py)."""
+    x = torch.randn(3, 2, 5, device=device)
+    sigma = torch.rand(3, device=device) + 0.1
     seed = torch.tensor([123], dtype=torch.int64, device=device)
     for args in [(x, sigma, 0.0, 128.0, seed, True, backend), (x, None, 0.5, math.inf, seed, False, backend)]:
         torch.library.opcheck(torch.ops.ipfm_fast.perturb, args)

@@ -22,9 +22,9 @@ def _quiet(*a, **k):
 def _fixed_loss(model, cfg, n=256):
     """The training objective on a fixed draw (same x, sigma, noise for every model)."""
     x = load_dataset("digits").train.floats()[:n]
-    g = common.make_generator("cpu", 1234)
+    rng = common.make_rng("cpu", 1234)
     with torch.no_grad():
-        return float(teacher_loss(model, x, cfg, g)[0])
+        return float(teacher_loss(model, x, cfg, rng)[0])
 
 
 def test_tiny_run_lowers_the_loss(tmp_path):

@@ -31,13 +31,19 @@ def row_stride(t):
     return t.stride(0) if t.dim() > 0 else 1
 
 
+def _nothing():
+    pass
+
+
 def kernel_views(x, *outs):
     """(x, outs) laid out so that element e of row b sits at b * row_stride + e in every
     tensor: the inputs as they are when their row layouts agree, else contiguous copies.
     Returns (x_k, outs_k, copy_back) where copy_back() fills ``outs`` from ``outs_k``."""
+    if x.dim() > 0 and x.is_contiguous() and all(o.is_contiguous() and o.shape == x.shape for o in outs):
+        return x, outs, _nothing  # the common case, without the stride analysis below
     inner = x.stride()[1:]
     if rows_dense(x) and all(rows_dense(o) and o.stride()[1:] == inner for o in outs):
-        return x, outs, lambda: None
+        return x, outs, _nothing
     x_k = x.contiguous()
     outs_k = tuple(o if o.is_contiguous() else torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outs)
 

@@ -3,8 +3,8 @@ r"""Field target (reference-batch posterior mean, PFGM++ / STF): four layers in 
     kernel      kernels/field_target.py (Triton), csrc/cpu/field_target.cpp,
                 csrc/cuda/field_target.cu (selection math shared in csrc/include/ipfm/field_math.h)
     launcher    _launch_field: raw pointers / grid / stream
-    torch op    ipfm_fast::field_target (torch.library.custom_op, fake implementation,
-                autograd in PyTorch from the saved [B, M] weights)
+    torch op    leaf ipfm_fast::field_target (custom op, fake implementation); _FieldTarget
+                (autograd, in PyTorch from the saved [B, M] weights): see ops/_op.py
     public      field_target()
 
 .. math::
@@ -59,9 +59,8 @@ import torch
 
 from ipfm_fast import backends
 from ipfm_fast import reference as ref
-from ipfm_fast._checks import check_D, check_gpu_sizes, check_rows, check_sigma
-from ipfm_fast.errors import InvalidInput
-from ipfm_fast.ops import _launch
+from ipfm_fast._checks import check_field_target, check_finite, check_gpu_sizes
+from ipfm_fast.ops import _launch, _op
 
 
 # Logit error bound above which a candidate's distance is recomputed exactly (tests set
@@ -96,13 +95,13 @@ def _launch_field(backend, y, x, out, logz, w, sigma, sigma_scalar, D, refine_to
 
 
 # --------------------------------------------------------------------------------------
-# torch op
+# leaf (torch.library custom op) and the autograd.Function over it
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("ipfm_fast::field_target", mutates_args=())
-def _field_op(y: torch.Tensor, sigma: torch.Tensor | None, sigma_scalar: float, x_ref: torch.Tensor, D: float,
-              refine_tol: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@_op.leaf("ipfm_fast::field_target")
+def _field(y: torch.Tensor, sigma: torch.Tensor | None, sigma_scalar: float, x_ref: torch.Tensor, D: float,
+           refine_tol: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y [B, N] and x_ref [M, N] fp32 with unit last stride -> (target [B, N] fp32,
     logz [B] fp32, weights [B, M] fp32)."""
     rows, m = y.shape[0], x_ref.shape[0]
@@ -113,51 +112,55 @@ def _field_op(y: torch.Tensor, sigma: torch.Tensor | None, sigma_scalar: float, 
     return out, logz, w
 
 
-@_field_op.register_fake
+@_field.register_fake
 def _(y, sigma, sigma_scalar, x_ref, D, refine_tol, backend):
     return y.new_empty(y.shape), y.new_empty(y.shape[0]), y.new_empty(y.shape[0], x_ref.shape[0])
 
 
-def _setup(ctx, inputs, output):
-    y, sigma, sigma_scalar, x_ref, D, _, _ = inputs
-    out, logz, w = output
-    ctx.D, ctx.sigma_scalar = D, sigma_scalar
-    ctx.save_for_backward(y, sigma, x_ref, out, logz, w)
+class _FieldTarget(_op.Function):
+    """The backward in PyTorch from the saved weights and log Z (module docstring)."""
 
+    leaf = _field
 
-def _field_backward(ctx, g_out, g_logz, g_w):
-    y, sigma, x, out, logz, w = ctx.saved_tensors
-    D, n = ctx.D, y.shape[1]
-    sig = sigma if sigma is not None else torch.full_like(logz, ctx.sigma_scalar)
-    b = torch.zeros_like(w)
-    if g_out is not None:
-        b = g_out @ x.T - (g_out * out).sum(1, keepdim=True)  # g_i . (x_j - t_i)
-    if g_logz is not None:
-        b = b + g_logz[:, None]
-    b = w * b
-    live = w > 0
-    s = torch.where(live, torch.log(torch.where(live, w, 1.0)) + logz[:, None], 0.0)  # s_ij where w_ij > 0
-    if math.isinf(D):
-        c = -b * (0.5 / sig.square())[:, None]
-        grad_sigma = (-2.0 / sig) * (b * s).sum(1)
-    else:
-        k = 0.5 * (n + D)
-        kq = torch.where(live, k * torch.exp(s / k), 0.0)  # k / q_ij = k exp(s_ij / k)
-        c = -b * kq
-        grad_sigma = 2.0 * D * sig * c.sum(1)
-    grad_y = grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_y = 2.0 * (y * c.sum(1, keepdim=True) - c @ x)
-    if ctx.needs_input_grad[3]:
-        grad_x = 2.0 * (x * c.sum(0)[:, None] - c.T @ y)
+    @staticmethod
+    def save(ctx, inputs, outputs):
+        y, sigma, sigma_scalar, x_ref, D, _, _ = inputs
+        out, logz, w = outputs
+        ctx.D, ctx.sigma_scalar = D, sigma_scalar
+        ctx.mark_non_differentiable(w)
+        ctx.save_for_backward(y, sigma, x_ref, out, logz, w)
+
+    @staticmethod
+    def backward(ctx, g_out, g_logz, g_w):
+        y, sigma, x, out, logz, w = ctx.saved_tensors
+        D, n = ctx.D, y.shape[1]
+        sig = sigma if sigma is not None else torch.full_like(logz, ctx.sigma_scalar)
+        b = torch.zeros_like(w)
         if g_out is not None:
-            grad_x = grad_x + w.T @ g_out
-    if not ctx.needs_input_grad[1]:
-        grad_sigma = None
-    return grad_y, grad_sigma, None, grad_x, None, None, None
-
-
-_field_op.register_autograd(_field_backward, setup_context=_setup)
+            b = g_out @ x.T - (g_out * out).sum(1, keepdim=True)  # g_i . (x_j - t_i)
+        if g_logz is not None:
+            b = b + g_logz[:, None]
+        b = w * b
+        live = w > 0
+        s = torch.where(live, torch.log(torch.where(live, w, 1.0)) + logz[:, None], 0.0)  # s_ij where w_ij > 0
+        if math.isinf(D):
+            c = -b * (0.5 / sig.square())[:, None]
+            grad_sigma = (-2.0 / sig) * (b * s).sum(1)
+        else:
+            k = 0.5 * (n + D)
+            kq = torch.where(live, k * torch.exp(s / k), 0.0)  # k / q_ij = k exp(s_ij / k)
+            c = -b * kq
+            grad_sigma = 2.0 * D * sig * c.sum(1)
+        grad_y = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_y = 2.0 * (y * c.sum(1, keepdim=True) - c @ x)
+        if ctx.needs_input_grad[3]:
+            grad_x = 2.0 * (x * c.sum(0)[:, None] - c.T @ y)
+            if g_out is not None:
+                grad_x = grad_x + w.T @ g_out
+        if not ctx.needs_input_grad[1]:
+            grad_sigma = None
+        return grad_y, grad_sigma, None, grad_x, None, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -174,43 +177,18 @@ def _rows2d(t, rows, n):
     return t2
 
 
-def check_inputs(y, sigma, x_ref, D, op):
-    """Argument checks shared by the public op and the reference; returns (D, sigma_t, sigma_f)."""
-    check_rows(y, "y", op)
-    check_rows(x_ref, "x_ref", op)
-    D = check_D(D, op)
-    if x_ref.device != y.device:
-        raise InvalidInput(f"{op}: x_ref is on {x_ref.device} but y is on {y.device}")
-    if tuple(x_ref.shape[1:]) != tuple(y.shape[1:]):
-        raise InvalidInput(f"{op}: x_ref must have y's trailing shape {tuple(y.shape[1:])} (x_ref is [M, ...]), "
-                           f"got x_ref of shape {tuple(x_ref.shape)}")
-    if x_ref.shape[0] == 0:
-        raise InvalidInput(f"{op}: x_ref must have at least one row (M >= 1), got shape {tuple(x_ref.shape)}")
-    if math.prod(y.shape[1:]) == 0:
-        raise InvalidInput(f"{op}: rows must have at least one element, got y of shape {tuple(y.shape)}")
-    sigma_t, sigma_f = check_sigma(sigma, y.shape[0], y.device, op)
-    return D, sigma_t, sigma_f
-
-
-def check_gpu_limits(op, backend, rows, m, n):
+def _check_gpu_sizes(op, backend, rows, m, n):
     """One program per row of y and of x_ref, one per output tile of the two GEMM-shaped
     kernels ([64, 64] tiles of [B, M]; [32 or 64, 128 or 64] of [B, N]: at most
     ceil(B / 32) * ceil(N / 64)), each a 1-D grid; 32-bit column indices."""
+    if backend not in ("triton", "cuda"):
+        return
     check_gpu_sizes(op, backend, n, {
         f"B = {rows} rows of y (one program each)": rows,
         f"M = {m} rows of x_ref (one program each)": m,
         f"the [B, M] = [{rows}, {m}] tiles": -(-rows // 64) * -(-m // 64),
         f"the [B, N] = [{rows}, {n}] tiles": -(-rows // 32) * -(-n // 64),
     })
-
-
-def check_finite(t, name, op):
-    """Raises if a CPU tensor holds NaN/Inf (CUDA tensors are not checked: that would sync)."""
-    if t.device.type != "cpu" or torch.compiler.is_compiling() or t.numel() == 0:
-        return
-    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
-    if bool(bad.any()):
-        raise InvalidInput(f"{op}: {name} must be finite (row {int(bad.nonzero()[0, 0])} has NaN or Inf)")
 
 
 def field_target(y, sigma, x_ref, D, *, return_logz=False, backend="auto"):
@@ -261,18 +239,18 @@ def field_target(y, sigma, x_ref, D, *, return_logz=False, backend="auto"):
     ceil(N / 64)`` (the [B, M] fp32 scratch runs out of memory first).
     """
     op = "field_target"
-    D, sigma_t, sigma_f = check_inputs(y, sigma, x_ref, D, op)
+    D, sigma_t, sigma_f = check_field_target(y, sigma, x_ref, D, op, finite=False)  # finiteness: below
     rows, m = y.shape[0], x_ref.shape[0]
     name = backends.resolve(op, backend, y.device, y.dtype)
-    check_gpu_limits(op, name, rows, m, math.prod(y.shape[1:]))
-    if name != "cpu":  # the CPU kernel checks finiteness itself, for free, on its row norms
-        check_finite(y, "y", op)
-        check_finite(x_ref, "x_ref", op)
     if name == "reference":
         if not return_logz:
             return ref.field_target(y, sigma, x_ref, D)
         target, logz = ref.field_target(y, sigma, x_ref, D, return_logz=True)
         return target, logz.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
+    _check_gpu_sizes(op, name, rows, m, math.prod(y.shape[1:]))  # before a pass over inputs of any size
+    if name != "cpu":  # the CPU kernel checks finiteness itself, for free, on its row norms
+        check_finite(y, "y", op)
+        check_finite(x_ref, "x_ref", op)
     if rows == 0:
         target = torch.empty_like(y)
         logz = y.new_empty(0, dtype=torch.float32)
@@ -282,27 +260,7 @@ def field_target(y, sigma, x_ref, D, *, return_logz=False, backend="auto"):
     x2 = _rows2d(x_ref, m, n)
     if sigma_t is not None:
         sigma_t = sigma_t.to(torch.float32).contiguous()
-    out, logz, _ = _field_op(y2, sigma_t, sigma_f or 0.0, x2, D, REFINE_TOL, name)
+    out, logz, _ = _FieldTarget.run(y2, sigma_t, sigma_f or 0.0, x2, D, REFINE_TOL, name)
     target = out.reshape(y.shape).to(y.dtype)
     return (target, logz) if return_logz else target
 
-
-def field_target_eager(y, sigma, x_ref, D, *, return_logz=False):
-    """The plain formulation in y's dtype (fp32 for the comparisons): cdist, log, logsumexp,
-    softmax, matmul, materializing [B, M]. What a PyTorch user writes; reported next to the
-    fused backends, never used by them."""
-    rows = y.shape[0]
-    n = y[0].numel()
-    yf = y.reshape(rows, -1)
-    xf = x_ref.reshape(x_ref.shape[0], -1).to(yf.dtype)
-    sig = sigma if isinstance(sigma, torch.Tensor) else torch.full((rows,), float(sigma), dtype=yf.dtype,
-                                                                     device=yf.device)
-    sig = sig.reshape(rows).to(yf.dtype)
-    d2 = torch.cdist(yf, xf).square()
-    if math.isinf(D):
-        logits = -d2 / (2 * sig.square()[:, None])
-    else:
-        logits = -0.5 * (n + D) * torch.log(d2 + D * sig.square()[:, None])
-    logz = torch.logsumexp(logits, dim=1)
-    target = (torch.softmax(logits, dim=1) @ xf).reshape(y.shape)
-    return (target, logz) if return_logz else target

@@ -4,10 +4,9 @@ r"""IPFM distillation losses, fused: four layers in one file.
                 (math shared by C++ and CUDA in csrc/include/ipfm/losses_math.h)
     launcher    _launch_gen_forward / _launch_gen_backward / _launch_fake_forward /
                 _launch_fake_backward: row layout, raw pointers, grid / stream
-    torch op    ipfm_fast::ipfm_generator_loss (+ _backward), ipfm_fast::ipfm_fake_loss
-                (+ _backward): torch.library.custom_op, fake implementations, autograd
-                (under torch.compile); the same bodies through one autograd.Function
-                in eager mode
+    torch op    leaves ipfm_fast::ipfm_generator_loss (+ _backward), ipfm_fast::ipfm_fake_loss
+                (+ _backward): custom ops with fake implementations; _GenLoss, _FakeLoss
+                (autograd): see ops/_op.py
     public      ipfm_generator_loss(), ipfm_fake_loss()
 
 Generator loss (a = teacher_out, b = fake_out, x = generator output, d = a - b, e = a - x):
@@ -33,9 +32,8 @@ import torch
 
 from ipfm_fast import backends
 from ipfm_fast import reference as ref
-from ipfm_fast._checks import check_gpu_sizes, check_sigma
-from ipfm_fast.errors import InvalidInput, InvalidType
-from ipfm_fast.ops import _launch
+from ipfm_fast._checks import check_fake_loss, check_generator_loss, check_gpu_sizes, check_sigma_values
+from ipfm_fast.ops import _launch, _op
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _TRITON_BLOCK = 2048  # elements per Triton program (the CUDA kernels use the same chunk)
@@ -71,6 +69,8 @@ def _kernel_inputs(*ts):
     its elements in the same order in every tensor. Tensors are used in place when their
     layouts agree (contiguous, channels_last, sliced rows, ...); otherwise those that are
     not row-major get a contiguous copy."""
+    if all(t.is_contiguous() and t.shape == ts[0].shape for t in ts) and ts[0].dim() > 0:
+        return ts  # the common case, without the stride analysis below
     if all(_launch.rows_dense(t) for t in ts) and all(_inner(t) == _inner(ts[0]) for t in ts[1:]):
         return ts
     return tuple(t if _launch.rows_dense(t) and _inner(t) == _contiguous_inner(t) else t.contiguous() for t in ts)
@@ -104,6 +104,8 @@ def _triton_grid(n):
 
 
 def _check_gpu_sizes(op, backend, rows, n):
+    if backend not in ("triton", "cuda"):
+        return
     # one program per (row, chunk of 2048) on both GPU backends (csrc/cuda/losses.cu kChunk)
     check_gpu_sizes(op, backend, n, {f"{rows} rows of {n} elements": rows * -(-n // _TRITON_BLOCK)})
 
@@ -240,18 +242,8 @@ def _launch_fake_backward(backend, grad, b, x, stats, scale, gb, gx):
 
 
 # --------------------------------------------------------------------------------------
-# torch ops
-#
-# Each forward / backward body (_*_impl) is registered as a torch.library custom op with a
-# fake implementation, so torch.compile and AOTAutograd see one opaque op. Eager calls
-# take a lighter route to the same bodies: one autograd.Function, no dispatcher round
-# trip (the custom-op dispatch and its autograd wrapper cost about 100 us of host time
-# per forward + backward, more than the kernels themselves at training sizes on a CPU).
+# leaves (torch.library custom ops) and the autograd.Functions over them
 # --------------------------------------------------------------------------------------
-
-
-def _eager():
-    return not torch.compiler.is_compiling()
 
 
 def _gen_outputs(a, reduction):
@@ -262,27 +254,27 @@ def _gen_outputs(a, reduction):
     return loss, masked, stats
 
 
-def _gen_forward_impl(a, b, x, weight, alpha, reduction, backend):
+@_op.leaf("ipfm_fast::ipfm_generator_loss")
+def _gen_loss(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, alpha: float,
+              reduction: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss fp32, masked-row count int64 [], per-row stats fp32 [3, B] =
+    (w, u, keep) saved for backward)."""
     loss, masked, stats = _gen_outputs(a, reduction)
     a_k, b_k, x_k = _kernel_inputs(a, b, x)
     _launch_gen_forward(backend, a_k, b_k, x_k, weight, alpha, reduction, loss, masked, stats)
     return loss, masked, stats
 
 
-@torch.library.custom_op("ipfm_fast::ipfm_generator_loss", mutates_args=())
-def _gen_loss_op(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, alpha: float,
-                 reduction: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss fp32, masked-row count int64 [], per-row stats fp32 [3, B] =
-    (w, u, keep) saved for backward)."""
-    return _gen_forward_impl(a, b, x, weight, alpha, reduction, backend)
-
-
-@_gen_loss_op.register_fake
+@_gen_loss.register_fake
 def _(a, b, x, weight, alpha, reduction, backend):
     return _gen_outputs(a, reduction)
 
 
-def _gen_backward_impl(grad, a, b, x, stats, alpha, reduction, need_a, need_b, need_x, backend):
+@_op.leaf("ipfm_fast::ipfm_generator_loss_backward")
+def _gen_loss_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
+                       alpha: float, reduction: str, need_a: bool, need_b: bool, need_x: bool,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. (a, b, x); an empty tensor for each one not needed."""
     views = _kernel_inputs(a, b, x)
     ga, gb, gx = _grad_buffers(views, (need_a, need_b, need_x))
     _launch_gen_backward(backend, grad.to(torch.float32), *views, stats, alpha, _scale(reduction, a.shape[0]),
@@ -290,56 +282,36 @@ def _gen_backward_impl(grad, a, b, x, stats, alpha, reduction, need_a, need_b, n
     return ga, gb, gx
 
 
-@torch.library.custom_op("ipfm_fast::ipfm_generator_loss_backward", mutates_args=())
-def _gen_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
-                     alpha: float, reduction: str, need_a: bool, need_b: bool, need_x: bool,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. (a, b, x); an empty tensor for each one not needed."""
-    return _gen_backward_impl(grad, a, b, x, stats, alpha, reduction, need_a, need_b, need_x, backend)
-
-
-@_gen_backward_op.register_fake
+@_gen_loss_backward.register_fake
 def _(grad, a, b, x, stats, alpha, reduction, need_a, need_b, need_x, backend):
     return _grad_buffers(_kernel_inputs(a, b, x), (need_a, need_b, need_x))
 
 
-def _setup_gen(ctx, inputs, output):
-    a, b, x, weight, alpha, reduction, backend = inputs
-    ctx.alpha, ctx.reduction, ctx.backend = alpha, reduction, backend
-    ctx.mark_non_differentiable(output[1], output[2])
-    if any(ctx.needs_input_grad[:4]):  # keep the inputs alive only when a gradient is needed
-        ctx.save_for_backward(a, b, x, output[2])
+class _GenLoss(_op.Function):
+    """Gradients of a, b, x from one fused pass; of a given weight from the saved stats."""
 
-
-def _gen_backward(ctx, grad_loss, grad_masked, grad_stats):
-    need_a, need_b, need_x, need_w = ctx.needs_input_grad[:4]
-    a, b, x, stats = ctx.saved_tensors
-    ga = gb = gx = gw = None
-    if need_a or need_b or need_x:
-        backward = _gen_backward_impl if getattr(ctx, "eager", False) and _eager() else _gen_backward_op
-        ga, gb, gx = backward(grad_loss, a, b, x, stats, ctx.alpha, ctx.reduction, need_a, need_b, need_x,
-                              ctx.backend)
-        ga, gb, gx = (g if need else None for g, need in zip((ga, gb, gx), (need_a, need_b, need_x)))
-    if need_w:  # d loss_i / d w_i = u_i (0 on masked rows)
-        gw = grad_loss.float() * _scale(ctx.reduction, a.shape[0]) * stats[1]
-        gw = torch.where(stats[2] != 0, gw, torch.zeros((), dtype=gw.dtype, device=gw.device))
-    return ga, gb, gx, gw, None, None, None
-
-
-_gen_loss_op.register_autograd(_gen_backward, setup_context=_setup_gen)
-
-
-class _GenLoss(torch.autograd.Function):
-    """Eager route to the same forward/backward bodies as ipfm_fast::ipfm_generator_loss
-    (the backward runs the custom op when traced, e.g. by compiled autograd)."""
-
-    forward = staticmethod(_gen_forward_impl)
-    backward = staticmethod(_gen_backward)
+    leaf = _gen_loss
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_gen(ctx, inputs, output)
-        ctx.eager = True
+    def save(ctx, inputs, outputs):
+        a, b, x, weight, alpha, reduction, backend = inputs
+        ctx.alpha, ctx.reduction, ctx.backend = alpha, reduction, backend
+        ctx.mark_non_differentiable(outputs[1], outputs[2])
+        ctx.save_for_backward(a, b, x, outputs[2])
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_masked, grad_stats):
+        need_a, need_b, need_x, need_w = ctx.needs_input_grad[:4]
+        a, b, x, stats = ctx.saved_tensors
+        ga = gb = gx = gw = None
+        if need_a or need_b or need_x:
+            ga, gb, gx = _gen_loss_backward(grad_loss, a, b, x, stats, ctx.alpha, ctx.reduction, need_a, need_b,
+                                            need_x, ctx.backend)
+            ga, gb, gx = (g if need else None for g, need in zip((ga, gb, gx), (need_a, need_b, need_x)))
+        if need_w:  # d loss_i / d w_i = u_i (0 on masked rows)
+            gw = grad_loss.float() * _scale(ctx.reduction, a.shape[0]) * stats[1]
+            gw = torch.where(stats[2] != 0, gw, torch.zeros((), dtype=gw.dtype, device=gw.device))
+        return ga, gb, gx, gw, None, None, None
 
 
 def _fake_outputs(b, reduction):
@@ -348,26 +320,25 @@ def _fake_outputs(b, reduction):
     return loss, torch.empty((2, rows), dtype=torch.float32, device=b.device)
 
 
-def _fake_forward_impl(b, x, sigma, sigma_scalar, sigma_data, reduction, backend):
+@_op.leaf("ipfm_fast::ipfm_fake_loss")
+def _fake_loss(b: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | None, sigma_scalar: float,
+               sigma_data: float, reduction: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss fp32, per-row stats fp32 [2, B] = (lambda, sum (b - x)^2))."""
     loss, stats = _fake_outputs(b, reduction)
     b_k, x_k = _kernel_inputs(b, x)
     _launch_fake_forward(backend, b_k, x_k, sigma, sigma_scalar, sigma_data, reduction, loss, stats)
     return loss, stats
 
 
-@torch.library.custom_op("ipfm_fast::ipfm_fake_loss", mutates_args=())
-def _fake_loss_op(b: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | None, sigma_scalar: float,
-                  sigma_data: float, reduction: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss fp32, per-row stats fp32 [2, B] = (lambda, sum (b - x)^2))."""
-    return _fake_forward_impl(b, x, sigma, sigma_scalar, sigma_data, reduction, backend)
-
-
-@_fake_loss_op.register_fake
+@_fake_loss.register_fake
 def _(b, x, sigma, sigma_scalar, sigma_data, reduction, backend):
     return _fake_outputs(b, reduction)
 
 
-def _fake_backward_impl(grad, b, x, stats, reduction, need_b, need_x, backend):
+@_op.leaf("ipfm_fast::ipfm_fake_loss_backward")
+def _fake_loss_backward(grad: torch.Tensor, b: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, reduction: str,
+                        need_b: bool, need_x: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. (b, x); an empty tensor for each one not needed."""
     views = _kernel_inputs(b, x)
     gb, gx = _grad_buffers(views, (need_b, need_x))
     _launch_fake_backward(backend, grad.to(torch.float32), *views, stats, _scale(reduction, b.shape[0]),
@@ -375,91 +346,39 @@ def _fake_backward_impl(grad, b, x, stats, reduction, need_b, need_x, backend):
     return gb, gx
 
 
-@torch.library.custom_op("ipfm_fast::ipfm_fake_loss_backward", mutates_args=())
-def _fake_backward_op(grad: torch.Tensor, b: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, reduction: str,
-                      need_b: bool, need_x: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. (b, x); an empty tensor for each one not needed."""
-    return _fake_backward_impl(grad, b, x, stats, reduction, need_b, need_x, backend)
-
-
-@_fake_backward_op.register_fake
+@_fake_loss_backward.register_fake
 def _(grad, b, x, stats, reduction, need_b, need_x, backend):
     return _grad_buffers(_kernel_inputs(b, x), (need_b, need_x))
 
 
-def _setup_fake(ctx, inputs, output):
-    b, x, sigma, sigma_scalar, sigma_data, reduction, backend = inputs
-    ctx.reduction, ctx.backend = reduction, backend
-    ctx.mark_non_differentiable(output[1])
-    if any(ctx.needs_input_grad[:3]):
-        ctx.save_for_backward(b, x, sigma, output[1])
+class _FakeLoss(_op.Function):
+    """Gradients of b and x from one fused pass; of sigma from the saved stats."""
 
-
-def _fake_backward(ctx, grad_loss, grad_stats):
-    need_b, need_x, need_sigma = ctx.needs_input_grad[:3]
-    b, x, sigma, stats = ctx.saved_tensors
-    gb = gx = gsigma = None
-    if need_b or need_x:
-        backward = _fake_backward_impl if getattr(ctx, "eager", False) and _eager() else _fake_backward_op
-        gb, gx = backward(grad_loss, b, x, stats, ctx.reduction, need_b, need_x, ctx.backend)
-        gb, gx = (gb if need_b else None), (gx if need_x else None)
-    if need_sigma:  # d lambda / d sigma = -2 / sigma^3
-        gsigma = grad_loss.float() * _scale(ctx.reduction, b.shape[0]) * stats[1] * (-2.0 / sigma**3)
-    return gb, gx, gsigma, None, None, None, None
-
-
-_fake_loss_op.register_autograd(_fake_backward, setup_context=_setup_fake)
-
-
-class _FakeLoss(torch.autograd.Function):
-    """Eager route to the same forward/backward bodies as ipfm_fast::ipfm_fake_loss."""
-
-    forward = staticmethod(_fake_forward_impl)
-    backward = staticmethod(_fake_backward)
+    leaf = _fake_loss
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_fake(ctx, inputs, output)
-        ctx.eager = True
+    def save(ctx, inputs, outputs):
+        b, x, sigma, sigma_scalar, sigma_data, reduction, backend = inputs
+        ctx.reduction, ctx.backend = reduction, backend
+        ctx.mark_non_differentiable(outputs[1])
+        ctx.save_for_backward(b, x, sigma, outputs[1])
 
-
-def _run_gen(*args):
-    if not _eager():
-        return _gen_loss_op(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4]):
-        return _GenLoss.apply(*args)
-    return _gen_forward_impl(*args)
-
-
-def _run_fake(*args):
-    if not _eager():
-        return _fake_loss_op(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3]):
-        return _FakeLoss.apply(*args)
-    return _fake_forward_impl(*args)
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        need_b, need_x, need_sigma = ctx.needs_input_grad[:3]
+        b, x, sigma, stats = ctx.saved_tensors
+        gb = gx = gsigma = None
+        if need_b or need_x:
+            gb, gx = _fake_loss_backward(grad_loss, b, x, stats, ctx.reduction, need_b, need_x, ctx.backend)
+            gb, gx = (gb if need_b else None), (gx if need_x else None)
+        if need_sigma:  # d lambda / d sigma = -2 / sigma^3
+            gsigma = grad_loss.float() * _scale(ctx.reduction, b.shape[0]) * stats[1] * (-2.0 / sigma**3)
+        return gb, gx, gsigma, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------
 # public functions
 # --------------------------------------------------------------------------------------
-
-
-def _check_sigma(sigma, rows, device, op, kernel_checks_values):
-    """_checks.check_sigma, except that the values of a tensor are left to the C++ CPU
-    kernel when it runs (it raises the same InvalidInput while it reads them, which saves a
-    pass and a host sync here)."""
-    if not (kernel_checks_values and isinstance(sigma, torch.Tensor)):
-        return check_sigma(sigma, rows, device, op)
-    if not sigma.dtype.is_floating_point:
-        raise InvalidType(f"{op}: sigma must be a floating-point tensor, got {sigma.dtype}")
-    if sigma.device != torch.device(device):
-        raise InvalidInput(f"{op}: sigma is on {sigma.device} but the input is on {device}")
-    if sigma.dim() == 0:
-        return sigma.expand(rows), None
-    if sigma.shape[0] == rows and all(s == 1 for s in sigma.shape[1:]):
-        return sigma.reshape(rows), None
-    raise InvalidInput(f"{op}: sigma must be a float or a tensor of shape [{rows}] (one per row), "
-                       f"got shape {tuple(sigma.shape)}")
 
 
 def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive", reduction="mean",
@@ -500,18 +419,15 @@ def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive
     """
     op = "ipfm_generator_loss"
     a, b = teacher_out, fake_out
-    rows = ref.check_loss_inputs(op, teacher_out=a, fake_out=b, x=x)
-    alpha_f = ref.check_real(alpha, "alpha", op)
-    weight_t = ref.check_loss_weight(weight, rows, a.device, op)
-    ref.check_reduction(reduction, op)
+    rows, alpha, weight_t = check_generator_loss(a, b, x, alpha, weight, reduction, op)
     name = backends.resolve(op, backend, a.device, a.dtype)
-    _check_gpu_sizes(op, name, rows, _row_numel(a))
     if name == "reference" or a.numel() == 0:
-        return ref.ipfm_generator_loss(a, b, x, alpha=alpha_f, weight=weight, reduction=reduction,
+        return ref.ipfm_generator_loss(a, b, x, alpha=alpha, weight=weight, reduction=reduction,
                                        return_masked=return_masked)
+    _check_gpu_sizes(op, name, rows, _row_numel(a))
     if weight_t is not None:
         weight_t = weight_t.to(torch.float32).contiguous()
-    loss, masked, _ = _run_gen(a, b, x, weight_t, alpha_f, reduction, name)
+    loss, masked, _ = _GenLoss.run(a, b, x, weight_t, alpha, reduction, name)
     return (loss, masked) if return_masked else loss
 
 
@@ -538,15 +454,15 @@ def ipfm_fake_loss(fake_out, x, sigma, *, sigma_data=0.5, reduction="mean", back
     backends: as in :func:`ipfm_generator_loss`.
     """
     op = "ipfm_fake_loss"
-    rows = ref.check_loss_inputs(op, fake_out=fake_out, x=x)
-    sigma_data_f = ref.check_real(sigma_data, "sigma_data", op, positive=True)
-    ref.check_reduction(reduction, op)
+    rows, sigma_data, sigma_t, sigma_f = check_fake_loss(fake_out, x, sigma, sigma_data, reduction, op,
+                                                         sigma_values=False)  # below, or by the CPU kernel
     name = backends.resolve(op, backend, fake_out.device, fake_out.dtype)
-    _check_gpu_sizes(op, name, rows, _row_numel(fake_out))
     if name == "reference" or fake_out.numel() == 0:
-        return ref.ipfm_fake_loss(fake_out, x, sigma, sigma_data=sigma_data_f, reduction=reduction)
-    sigma_t, sigma_f = _check_sigma(sigma, rows, fake_out.device, op, kernel_checks_values=name == "cpu")
+        return ref.ipfm_fake_loss(fake_out, x, sigma, sigma_data=sigma_data, reduction=reduction)
+    _check_gpu_sizes(op, name, rows, _row_numel(fake_out))
+    if name != "cpu":  # the C++ CPU kernel checks sigma as it reads it (the same InvalidInput, no extra pass)
+        check_sigma_values(sigma_t, op)
     if sigma_t is not None:
         sigma_t = sigma_t.to(torch.float32).contiguous()
-    loss, _ = _run_fake(fake_out, x, sigma_t, sigma_f or 0.0, sigma_data_f, reduction, name)
+    loss, _ = _FakeLoss.run(fake_out, x, sigma_t, sigma_f or 0.0, sigma_data, reduction, name)
     return loss

@@ -2,8 +2,9 @@ r"""PFGM++ perturbation and prior: four layers in one file.
 
     kernel      kernels/perturb.py (Triton), csrc/cpu/perturb.cpp, csrc/cuda/perturb.cu
     launcher    _launch_perturb: row layout, raw pointers, grid / stream
-    torch op    ipfm_fast::perturb, ipfm_fast::perturb_noise (torch.library.custom_op,
-                fake implementations, autograd)
+    torch op    leaves ipfm_fast::perturb, ipfm_fast::perturb_noise (custom ops with fake
+                implementations); _PerturbFunction, _NoiseFunction (autograd; the perturb
+                backward regenerates the noise through perturb_noise): see ops/_op.py
     public      perturb(), sample_prior()
 
 .. math::
@@ -19,9 +20,8 @@ import torch
 
 from ipfm_fast import backends
 from ipfm_fast import reference as ref
-from ipfm_fast._checks import check_D, check_generator, check_gpu_sizes, check_rows, check_sigma
-from ipfm_fast.errors import InvalidInput, InvalidType
-from ipfm_fast.ops import _launch
+from ipfm_fast._checks import check_gpu_sizes, check_perturb, check_philox_rows, check_prior
+from ipfm_fast.ops import _launch, _op
 
 # Philox counters (4 elements each) per Triton program: ~1024 elements on a GPU; in the
 # interpreter each program costs milliseconds whatever its size, so tiles are much larger.
@@ -49,6 +49,8 @@ def triton_tiles(rows, n, gpu=None):
 
 
 def _check_gpu_sizes(op, backend, rows, n):
+    if backend not in ("triton", "cuda"):
+        return
     if backend == "triton":
         programs = triton_tiles(rows, n, gpu=True)[3]  # the GPU grid, also when interpreted
     else:
@@ -101,11 +103,14 @@ def _launch_perturb(backend, x, y, noise, sigma, sigma_scalar, D, seed):
 
 
 # --------------------------------------------------------------------------------------
-# torch ops
+# leaves (torch.library custom ops) and the autograd.Functions over them
 # --------------------------------------------------------------------------------------
 
 
-def _perturb_impl(x, sigma, sigma_scalar, D, seed, return_noise, backend):
+@_op.leaf("ipfm_fast::perturb")
+def _perturb(x: torch.Tensor, sigma: torch.Tensor | None, sigma_scalar: float, D: float, seed: torch.Tensor,
+             return_noise: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x + sigma * noise (and the noise, or an empty tensor)."""
     y = torch.empty_like(x)
     noise = torch.empty_like(x) if return_noise else x.new_empty(0)
     x_k, outs_k, copy_back = _launch.kernel_views(x, y, *([noise] if return_noise else []))
@@ -114,7 +119,16 @@ def _perturb_impl(x, sigma, sigma_scalar, D, seed, return_noise, backend):
     return y, noise
 
 
-def _noise_impl(shape, stride, dtype, sigma, sigma_scalar, D, seed, backend):
+@_perturb.register_fake
+def _(x, sigma, sigma_scalar, D, seed, return_noise, backend):
+    return torch.empty_like(x), (torch.empty_like(x) if return_noise else x.new_empty(0))
+
+
+@_op.leaf("ipfm_fast::perturb_noise")
+def _noise(shape: list[int], stride: list[int], dtype: torch.dtype, sigma: torch.Tensor | None,
+           sigma_scalar: float, D: float, seed: torch.Tensor, backend: str) -> torch.Tensor:
+    """sigma * g * sqrt(D / W) with the given shape/strides on seed's device, with the same
+    element -> random number mapping as ipfm_fast::perturb on a tensor of that layout."""
     y = torch.empty_strided(shape, stride, dtype=dtype, device=seed.device)
     _, (y_k,), copy_back = _launch.kernel_views(y, y)
     _launch_perturb(backend, None, y_k, None, sigma, sigma_scalar, D, seed)
@@ -122,117 +136,60 @@ def _noise_impl(shape, stride, dtype, sigma, sigma_scalar, D, seed, backend):
     return y
 
 
-@torch.library.custom_op("ipfm_fast::perturb", mutates_args=())
-def _perturb_op(x: torch.Tensor, sigma: torch.Tensor | None, sigma_scalar: float, D: float,
-                seed: torch.Tensor, return_noise: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = x + sigma * noise (and the noise, or an empty tensor)."""
-    return _perturb_impl(x, sigma, sigma_scalar, D, seed, return_noise, backend)
-
-
-@_perturb_op.register_fake
-def _(x, sigma, sigma_scalar, D, seed, return_noise, backend):
-    return torch.empty_like(x), (torch.empty_like(x) if return_noise else x.new_empty(0))
-
-
-@torch.library.custom_op("ipfm_fast::perturb_noise", mutates_args=())
-def _noise_op(shape: list[int], stride: list[int], dtype: torch.dtype, sigma: torch.Tensor | None,
-              sigma_scalar: float, D: float, seed: torch.Tensor, backend: str) -> torch.Tensor:
-    """sigma * g * sqrt(D / W) with the given shape/strides on seed's device, with the same
-    element -> random number mapping as ipfm_fast::perturb on a tensor of that layout."""
-    return _noise_impl(shape, stride, dtype, sigma, sigma_scalar, D, seed, backend)
-
-
-@_noise_op.register_fake
+@_noise.register_fake
 def _(shape, stride, dtype, sigma, sigma_scalar, D, seed, backend):
     return torch.empty_strided(shape, stride, dtype=dtype, device=seed.device)
 
 
-def _setup_perturb(ctx, inputs, output):
-    x, sigma, _, D, seed, return_noise, backend = inputs
-    ctx.D, ctx.backend, ctx.return_noise = D, backend, return_noise
-    ctx.layout = (list(x.shape), list(x.stride()))
-    ctx.save_for_backward(seed, output[1] if return_noise else None)
+class _PerturbFunction(_op.Function):
+    """dy/dx = 1; dy/dsigma = noise, summed per row against the upstream gradient. Without
+    return_noise the backward regenerates the noise from the seed (counter-based Philox)
+    rather than storing it."""
 
-
-def _perturb_backward(ctx, grad_y, grad_noise):
-    seed, noise = ctx.saved_tensors
-    grad_x = grad_y if ctx.needs_input_grad[0] else None
-    grad_sigma = None
-    if ctx.needs_input_grad[1]:
-        if noise is None:  # regenerate from the counter-based stream instead of storing it
-            shape, stride = ctx.layout
-            # always the custom op: a backward traced by AOTAutograd sees fake tensors, and torch 2.11
-            # reports is_compiling() False there (the raw-pointer launcher would fail on them)
-            noise = _noise_op(shape, stride, torch.float32, None, 1.0, ctx.D, seed, ctx.backend)
-        grad_sigma = (grad_y.float() * noise.float()).reshape(grad_y.shape[0], -1).sum(1)
-    return grad_x, grad_sigma, None, None, None, None, None
-
-
-_perturb_op.register_autograd(_perturb_backward, setup_context=_setup_perturb)
-
-
-def _setup_noise(ctx, inputs, output):
-    sigma = inputs[3]
-    ctx.save_for_backward(output, sigma)
-
-
-def _noise_backward(ctx, grad_y):
-    y, sigma = ctx.saved_tensors
-    grad_sigma = None
-    if ctx.needs_input_grad[3]:  # y = sigma * noise: dy/dsigma = y / sigma, no cancellation
-        grad_sigma = (grad_y.float() * y.float()).reshape(y.shape[0], -1).sum(1) / sigma
-    return None, None, None, grad_sigma, None, None, None, None
-
-
-_noise_op.register_autograd(_noise_backward, setup_context=_setup_noise)
-
-
-class _PerturbFunction(torch.autograd.Function):
-    """The same forward/backward as ipfm_fast::perturb without the dispatcher: eager calls
-    skip ~0.1 ms of custom-op overhead (and the one-off torch._dynamo import)."""
+    leaf = _perturb
 
     @staticmethod
-    def forward(ctx, *inputs):
-        y, noise = _perturb_impl(*inputs)
-        _setup_perturb(ctx, inputs, (y, noise))
-        ctx.mark_non_differentiable(noise)
-        return y, noise
+    def save(ctx, inputs, outputs):
+        x, sigma, _, D, seed, return_noise, backend = inputs
+        ctx.D, ctx.backend = D, backend
+        ctx.layout = (list(x.shape), list(x.stride()))
+        ctx.mark_non_differentiable(outputs[1])
+        ctx.save_for_backward(seed, outputs[1] if return_noise else None)
 
     @staticmethod
     def backward(ctx, grad_y, grad_noise):
-        return _perturb_backward(ctx, grad_y, grad_noise)
+        seed, noise = ctx.saved_tensors
+        grad_x = grad_y if ctx.needs_input_grad[0] else None
+        grad_sigma = None
+        if ctx.needs_input_grad[1]:
+            if noise is None:
+                shape, stride = ctx.layout
+                noise = _noise(shape, stride, torch.float32, None, 1.0, ctx.D, seed, ctx.backend)
+            grad_sigma = (grad_y.float() * noise.float()).reshape(grad_y.shape[0], -1).sum(1)
+        return grad_x, grad_sigma, None, None, None, None, None
 
 
-class _NoiseFunction(torch.autograd.Function):
-    """ipfm_fast::perturb_noise without the dispatcher (eager calls)."""
+class _NoiseFunction(_op.Function):
+    """y = sigma * noise: dy/dsigma = y / sigma (no cancellation, nothing regenerated)."""
+
+    leaf = _noise
 
     @staticmethod
-    def forward(ctx, *inputs):
-        y = _noise_impl(*inputs)
-        _setup_noise(ctx, inputs, y)
-        return y
+    def save(ctx, inputs, outputs):
+        ctx.save_for_backward(outputs, inputs[3])
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _noise_backward(ctx, grad_y)
-
-
-def _perturb_call(*inputs):
-    return _perturb_op(*inputs) if torch.compiler.is_compiling() else _PerturbFunction.apply(*inputs)
-
-
-def _noise_call(*inputs):
-    return _noise_op(*inputs) if torch.compiler.is_compiling() else _NoiseFunction.apply(*inputs)
+        y, sigma = ctx.saved_tensors
+        grad_sigma = None
+        if ctx.needs_input_grad[3]:
+            grad_sigma = (grad_y.float() * y.float()).reshape(y.shape[0], -1).sum(1) / sigma
+        return None, None, None, grad_sigma, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------
 # public functions
 # --------------------------------------------------------------------------------------
-
-
-def _check_rows_limit(rows, op):
-    if rows >= 2**32:
-        raise InvalidInput(f"{op}: at most 2^32 - 1 rows per call (the row index is a Philox counter word), got {rows}")
 
 
 def perturb(x, sigma, D, *, generator=None, return_noise=False, backend="auto"):
@@ -270,20 +227,16 @@ def perturb(x, sigma, D, *, generator=None, return_noise=False, backend="auto"):
     of at most 512 elements) -- about 2^41 elements; split larger batches.
     """
     op = "perturb"
-    check_rows(x, "x", op)
-    D = check_D(D, op)
-    check_generator(generator, x.device, op)
-    sigma_t, sigma_f = check_sigma(sigma, x.shape[0], x.device, op)
-    _check_rows_limit(x.shape[0], op)
+    D, sigma_t, sigma_f = check_perturb(x, sigma, D, generator, op)
+    check_philox_rows(x.shape[0], op)  # on every backend: "auto" never changes what is valid
     name = backends.resolve(op, backend, x.device, x.dtype)
-    if name in ("triton", "cuda"):
-        _check_gpu_sizes(op, name, x.shape[0], math.prod(x.shape[1:]))
     if name == "reference":
         return ref.perturb(x, sigma, D, generator=generator, return_noise=return_noise)
+    _check_gpu_sizes(op, name, x.shape[0], math.prod(x.shape[1:]))
     if sigma_t is not None:
         sigma_t = sigma_t.to(torch.float32).contiguous()
     seed = _launch.draw_seed(generator, x.device)
-    y, noise = _perturb_call(x, sigma_t, sigma_f or 0.0, D, seed, return_noise, name)
+    y, noise = _PerturbFunction.run(x, sigma_t, sigma_f or 0.0, D, seed, return_noise, name)
     return (y, noise) if return_noise else y
 
 
@@ -303,33 +256,16 @@ def sample_prior(shape, sigma, D, *, device=None, dtype=None, generator=None, ba
     Only the output is written: ``B * N`` elements. Size limits: as in :func:`perturb`.
     """
     op = "sample_prior"
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError as err:
-        raise InvalidType(f"{op}: shape must be a sequence of ints, got {shape!r}") from err
-    if len(shape) < 1 or any(s < 0 for s in shape):
-        raise InvalidInput(f"{op}: shape must be [B, ...] with non-negative sizes, got {shape}")
-    if device is None:
-        device = sigma.device if isinstance(sigma, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    dtype = dtype or torch.get_default_dtype()
-    if not dtype.is_floating_point:
-        raise InvalidType(f"{op}: dtype must be floating point, got {dtype}")
-    D = check_D(D, op)
-    check_generator(generator, device, op)
-    sigma_t, sigma_f = check_sigma(sigma, shape[0], device, op)
-    _check_rows_limit(shape[0], op)
+    shape, device, dtype, D, sigma_t, sigma_f = check_prior(shape, sigma, D, device, dtype, generator, op)
+    check_philox_rows(shape[0], op)
     name = backends.resolve(op, backend, device, dtype)
-    if name in ("triton", "cuda"):
-        _check_gpu_sizes(op, name, shape[0], math.prod(shape[1:]))
     if name == "reference":
         return ref.sample_prior(shape, sigma, D, device=device, dtype=dtype, generator=generator)
+    _check_gpu_sizes(op, name, shape[0], math.prod(shape[1:]))
     if sigma_t is not None:
         sigma_t = sigma_t.to(torch.float32).contiguous()
     seed = _launch.draw_seed(generator, device)
     stride = [1] * len(shape)  # contiguous
     for i in range(len(shape) - 2, -1, -1):
         stride[i] = stride[i + 1] * max(shape[i + 1], 1)
-    return _noise_call(list(shape), stride, dtype, sigma_t, sigma_f or 0.0, D, seed, name)
+    return _NoiseFunction.run(list(shape), stride, dtype, sigma_t, sigma_f or 0.0, D, seed, name)

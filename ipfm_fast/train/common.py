@@ -110,12 +110,10 @@ def check_run_folder(out, ckpt_path, *, resume, overwrite, main=True):
         os.remove(ckpt_path)
 
 
-def make_generator(device, seed):
+def make_rng(device, seed):
     """A torch.Generator on ``device`` seeded with ``seed``: every random draw of a loop
     goes through it, so saving its state makes a resumed run identical."""
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
-    return g
+    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 # --------------------------------------------------------------------------------------

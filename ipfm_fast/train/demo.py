@@ -140,9 +140,7 @@ def run_demo(out="runs/demo", *, seeds=5, distill_seconds=360.0, distill_steps=1
     """The main job; returns the metrics dict (also written to ``out``/metrics.json)."""
     from ipfm_fast.data import load_dataset, save_grid
     from ipfm_fast.metrics import Evaluator
-    from ipfm_fast.sampling import nfe, sample
-    from ipfm_fast.train.distill import DistillConfig, distill, evaluate_generator, generate, load_generator
-    from ipfm_fast.train.teacher import evaluate_denoiser
+    from ipfm_fast.train.distill import DistillConfig, distill
 
     t_start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
@@ -153,32 +151,13 @@ def run_demo(out="runs/demo", *, seeds=5, distill_seconds=360.0, distill_steps=1
     teacher_path, reused, teacher_seconds = ensure_teacher(teacher_dir, D=128.0, device=device, progress=progress,
                                                            log=log, **(teacher_overrides or {}))
     teacher, tmeta = ckpt.load_denoiser(teacher_path, device=dev)
-    D = ckpt.decode_D(tmeta["D"])
-    data = load_dataset(tmeta.get("data") or "digits")
-    seed_list = list(range(seeds))
-    num = num_samples or len(data.train)
+    run = dict(D=ckpt.decode_D(tmeta["D"]), data=load_dataset(tmeta.get("data") or "digits"), seeds=list(range(seeds)),
+               dev=dev, precision=precision, teacher_dir=teacher_dir, out=out, log=log)
+    run["num"] = num_samples or len(run["data"].train)
     with common.num_threads(1 if dev.type == "cpu" else None):
-        ev = Evaluator(data, teacher_dir, device=dev, log=log)
-        save_grid(data.test.floats()[:100], os.path.join(out, "data.png"), nrow=10, upscale=GRID_UPSCALE)
-
-        log(f"== 2/4 scoring the teacher at 35 NFE and the generator before distillation at 1 NFE "
-            f"({seeds} seeds x {num} samples) ==")
-        key = {"teacher": _file_digest(teacher_path), "seeds": seed_list, "num": num, "steps": 18}
-        t0 = time.perf_counter()
-        teacher_res, cached = _cached_eval(
-            os.path.join(teacher_dir, "eval_35nfe.json"), key,
-            lambda: evaluate_denoiser(teacher, data, D, teacher_dir, num=num, steps=18, seeds=seed_list, device=dev,
-                                      precision=precision, log=log, evaluator=ev,
-                                      grid=os.path.join(teacher_dir, "samples_35nfe.png")))
-        teacher_eval_seconds = time.perf_counter() - t0
-        if cached:
-            log(f"teacher FD at 35 NFE (cached): {teacher_res['fd']['mean']:.3f} +- {teacher_res['fd']['std']:.3f}")
-        # the grid: the first 100 samples of seed 0 (the generators' grids use the same seed)
-        save_grid(sample(teacher, 100, data.shape, D, seed=0, steps=18, device=dev), os.path.join(out, "teacher.png"),
-                  nrow=10, upscale=GRID_UPSCALE)
-        initial_res = evaluate_generator(teacher, data, D, 2.5, teacher_dir, num=num, seeds=seed_list, device=dev,
-                                         precision=precision, log=log, evaluator=ev,
-                                         grid=os.path.join(out, "initial_generator.png"), grid_upscale=GRID_UPSCALE)
+        run["ev"] = Evaluator(run["data"], teacher_dir, device=dev, log=log)
+        save_grid(run["data"].test.floats()[:100], os.path.join(out, "data.png"), nrow=10, upscale=GRID_UPSCALE)
+        teacher_res, initial_res, teacher_eval_seconds = _score_teacher(teacher, teacher_path, run)
 
     log("== 3/4 IPFM distillation ==")
     dist_dir = os.path.join(out, "distill")
@@ -190,43 +169,14 @@ def run_demo(out="runs/demo", *, seeds=5, distill_seconds=360.0, distill_steps=1
     _stop_if_interrupted(summary, dist_dir)
 
     log(f"== 4/4 scoring the distilled generator at 1 NFE ({seeds} seeds) ==")
-    gen, _, sigma_init, gmeta = load_generator(dist_dir, dev)
-    with common.num_threads(1 if dev.type == "cpu" else None):
-        gen_res = evaluate_generator(gen, data, D, sigma_init, teacher_dir, num=num, seeds=seed_list, device=dev,
-                                     precision=precision, log=log, evaluator=ev,
-                                     grid=os.path.join(out, "generator.png"), grid_upscale=GRID_UPSCALE)
-        speed = {"generator": _sampling_speed(lambda n: generate(gen, n, data.shape, D, sigma_init, device=dev), num),
-                 "teacher": _sampling_speed(lambda n: sample(teacher, n, data.shape, D, steps=18, device=dev), num)}
-
-    t_fd, t_sd = _fd(teacher_res)
-    g_fd, g_sd = _fd(gen_res)
-    i_fd, i_sd = _fd(initial_res)
-    base = ev.baseline["baseline_fd"]
-    total = time.perf_counter() - t_start
-    metrics = {
-        "teacher_fd": t_fd, "teacher_fd_std": t_sd, "generator_fd": g_fd, "generator_fd_std": g_sd,
-        "initial_generator_fd": i_fd, "initial_generator_fd_std": i_sd, "data_baseline_fd": base,
-        "teacher_nfe": nfe(18), "generator_nfe": 1,
-        "teacher_sw": teacher_res["sw"]["mean"], "generator_sw": gen_res["sw"]["mean"],
-        "initial_generator_sw": initial_res["sw"]["mean"], "data_baseline_sw": ev.baseline["baseline_sw"],
-        "teacher_nn_ratio": teacher_res["nn_ratio"]["mean"], "generator_nn_ratio": gen_res["nn_ratio"]["mean"],
-        "generator_fd_over_teacher_fd": g_fd / t_fd, "generator_fd_over_initial_fd": g_fd / i_fd,
-        "targets_met": bool(g_fd <= 1.5 * t_fd and g_fd <= 0.5 * i_fd),
-        "distill_seconds": summary["train_seconds"], "images_per_second": summary["images_per_second"],
-        "distill_iterations": summary["steps"], "distill_batch": dcfg.batch, "kept_iteration": summary["best_step"],
-        "teacher_train_seconds": teacher_seconds, "teacher_reused": reused,
-        "teacher_eval_seconds": teacher_eval_seconds,
-        "teacher_sampling_images_per_second": speed["teacher"], "generator_sampling_images_per_second": speed["generator"],
-        "total_seconds": total, "seeds": seed_list, "samples_per_seed": num, "n_test": len(data.test),
-        "fd_seeds": {"teacher": teacher_res["fd"]["values"], "initial_generator": initial_res["fd"]["values"],
-                     "generator": gen_res["fd"]["values"]},
-        "D": D, "alpha": dcfg.alpha, "lr": dcfg.lr, "ema": dcfg.ema, "parameters": summary["parameters"],
-        "device": summary["device"], "precision": summary["precision"], "machine": _machine(), "date": _now(),
-        "command": "make demo (ipfm-fast demo)",
-    }
-    plot_curve(os.path.join(out, "training_curve.png"), summary["curve"], teacher_fd=t_fd, initial_fd=i_fd,
-               baseline_fd=base, best_step=summary["best_step"],
-               title=f"IPFM on digits, D = {D:g}: EMA generator at 1 NFE (seed {dcfg.eval_seed}) vs test split")
+    gen_res, speed = _score_generator(teacher, dist_dir, run)
+    metrics = _demo_metrics(run, dcfg, summary, teacher_res, initial_res, gen_res, speed,
+                            teacher_seconds=teacher_seconds, teacher_reused=reused,
+                            teacher_eval_seconds=teacher_eval_seconds, total=time.perf_counter() - t_start)
+    plot_curve(os.path.join(out, "training_curve.png"), summary["curve"], teacher_fd=metrics["teacher_fd"],
+               initial_fd=metrics["initial_generator_fd"], baseline_fd=metrics["data_baseline_fd"],
+               best_step=summary["best_step"],
+               title=f"IPFM on digits, D = {run['D']:g}: EMA generator at 1 NFE (seed {dcfg.eval_seed}) vs test split")
     common.write_json(os.path.join(out, "metrics.json"), metrics)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write(demo_report(metrics))
@@ -237,6 +187,84 @@ def run_demo(out="runs/demo", *, seeds=5, distill_seconds=360.0, distill_steps=1
             shutil.copy(os.path.join(out, name), os.path.join(publish, name))
         log(f"published {', '.join(ARTIFACTS)} -> {publish}")
     return metrics
+
+
+def _score_teacher(teacher, teacher_path, run):
+    """Steps 2/4: the teacher at 35 NFE (cached by the teacher file's digest) and the
+    generator before distillation (the teacher at 1 NFE from sigma_init); the grids."""
+    from ipfm_fast.data import save_grid
+    from ipfm_fast.sampling import sample
+    from ipfm_fast.train.evaluation import evaluate_denoiser, evaluate_generator
+
+    data, D, tdir, log = run["data"], run["D"], run["teacher_dir"], run["log"]
+    common_kw = dict(num=run["num"], seeds=run["seeds"], device=run["dev"], precision=run["precision"], log=log,
+                     evaluator=run["ev"])
+    log(f"== 2/4 scoring the teacher at 35 NFE and the generator before distillation at 1 NFE "
+        f"({len(run['seeds'])} seeds x {run['num']} samples) ==")
+    key = {"teacher": _file_digest(teacher_path), "seeds": run["seeds"], "num": run["num"], "steps": 18}
+    t0 = time.perf_counter()
+    teacher_res, cached = _cached_eval(
+        os.path.join(tdir, "eval_35nfe.json"), key,
+        lambda: evaluate_denoiser(teacher, data, D, tdir, steps=18, grid=os.path.join(tdir, "samples_35nfe.png"),
+                                  **common_kw))
+    seconds = time.perf_counter() - t0
+    if cached:
+        log(f"teacher FD at 35 NFE (cached): {teacher_res['fd']['mean']:.3f} +- {teacher_res['fd']['std']:.3f}")
+    # the grid: the first 100 samples of seed 0 (the generators' grids use the same seed)
+    save_grid(sample(teacher, 100, data.shape, D, seed=0, steps=18, device=run["dev"]),
+              os.path.join(run["out"], "teacher.png"), nrow=10, upscale=GRID_UPSCALE)
+    initial_res = evaluate_generator(teacher, data, D, 2.5, tdir, grid=os.path.join(run["out"], "initial_generator.png"),
+                                     grid_upscale=GRID_UPSCALE, **common_kw)
+    return teacher_res, initial_res, seconds
+
+
+def _score_generator(teacher, dist_dir, run):
+    """Step 4/4: the distilled generator at 1 NFE, and both models' sampling speed."""
+    from ipfm_fast.sampling import sample
+    from ipfm_fast.train.evaluation import evaluate_generator, generate, load_generator
+
+    data, D, dev = run["data"], run["D"], run["dev"]
+    gen, _, sigma_init, _ = load_generator(dist_dir, dev)
+    with common.num_threads(1 if dev.type == "cpu" else None):
+        gen_res = evaluate_generator(gen, data, D, sigma_init, run["teacher_dir"], num=run["num"], seeds=run["seeds"],
+                                     device=dev, precision=run["precision"], log=run["log"], evaluator=run["ev"],
+                                     grid=os.path.join(run["out"], "generator.png"), grid_upscale=GRID_UPSCALE)
+        speed = {"generator": _sampling_speed(lambda n: generate(gen, n, data.shape, D, sigma_init, device=dev),
+                                              run["num"]),
+                 "teacher": _sampling_speed(lambda n: sample(teacher, n, data.shape, D, steps=18, device=dev),
+                                            run["num"])}
+    return gen_res, speed
+
+
+def _demo_metrics(run, dcfg, summary, teacher_res, initial_res, gen_res, speed, *, teacher_seconds, teacher_reused,
+                  teacher_eval_seconds, total):
+    from ipfm_fast.sampling import nfe
+
+    t_fd, t_sd = _fd(teacher_res)
+    g_fd, g_sd = _fd(gen_res)
+    i_fd, i_sd = _fd(initial_res)
+    ev = run["ev"]
+    return {
+        "teacher_fd": t_fd, "teacher_fd_std": t_sd, "generator_fd": g_fd, "generator_fd_std": g_sd,
+        "initial_generator_fd": i_fd, "initial_generator_fd_std": i_sd, "data_baseline_fd": ev.baseline["baseline_fd"],
+        "teacher_nfe": nfe(18), "generator_nfe": 1,
+        "teacher_sw": teacher_res["sw"]["mean"], "generator_sw": gen_res["sw"]["mean"],
+        "initial_generator_sw": initial_res["sw"]["mean"], "data_baseline_sw": ev.baseline["baseline_sw"],
+        "teacher_nn_ratio": teacher_res["nn_ratio"]["mean"], "generator_nn_ratio": gen_res["nn_ratio"]["mean"],
+        "generator_fd_over_teacher_fd": g_fd / t_fd, "generator_fd_over_initial_fd": g_fd / i_fd,
+        "targets_met": bool(g_fd <= 1.5 * t_fd and g_fd <= 0.5 * i_fd),
+        "distill_seconds": summary["train_seconds"], "images_per_second": summary["images_per_second"],
+        "distill_iterations": summary["steps"], "distill_batch": dcfg.batch, "kept_iteration": summary["best_step"],
+        "teacher_train_seconds": teacher_seconds, "teacher_reused": teacher_reused,
+        "teacher_eval_seconds": teacher_eval_seconds,
+        "teacher_sampling_images_per_second": speed["teacher"], "generator_sampling_images_per_second": speed["generator"],
+        "total_seconds": total, "seeds": run["seeds"], "samples_per_seed": run["num"], "n_test": len(run["data"].test),
+        "fd_seeds": {"teacher": teacher_res["fd"]["values"], "initial_generator": initial_res["fd"]["values"],
+                     "generator": gen_res["fd"]["values"]},
+        "D": run["D"], "alpha": dcfg.alpha, "lr": dcfg.lr, "ema": dcfg.ema, "parameters": summary["parameters"],
+        "device": summary["device"], "precision": summary["precision"], "machine": _machine(), "date": _now(),
+        "command": "make demo (ipfm-fast demo)",
+    }
 
 
 def _sampling_speed(fn, n):
@@ -289,7 +317,7 @@ def run_study(out="runs/study", *, Ds=(128.0, math.inf), distill_steps=800, dist
     from ipfm_fast.data import load_dataset
     from ipfm_fast.metrics import Evaluator
     from ipfm_fast.train.distill import DistillConfig, distill
-    from ipfm_fast.train.teacher import evaluate_denoiser
+    from ipfm_fast.train.evaluation import evaluate_denoiser
 
     t_start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
