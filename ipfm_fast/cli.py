@@ -138,15 +138,20 @@ def cmd_train_teacher(args):
 # --------------------------------------------------------------------------------------
 
 
-def _add_model_source(p):
-    p.add_argument("--teacher", required=True,
-                   help="what to sample: a run folder (teacher or distill run), teacher.safetensors, "
-                        "generator.safetensors, a training checkpoint, or (with --trust-pickle) a .pkl/.pt network")
+TRUST_PICKLE_HELP = "allow loading a pickle (.pkl/.pt): this EXECUTES CODE from the file; only for trusted files"
+
+
+def _add_model_source(p, source=None):
+    """The options naming a model file (sample, evaluate); ``source``: the group --teacher
+    belongs to (evaluate's, where --samples is the alternative), else required."""
+    (source or p).add_argument(
+        "--teacher", required=source is None,
+        help="the model: a run folder (teacher or distill run), teacher.safetensors, generator.safetensors, a "
+             "training checkpoint, or (with --trust-pickle) a .pkl/.pt network")
     p.add_argument("--weights", default="ema",
                    help="which weights of a training checkpoint: ema (samples well) or model (the online "
                         "weights, which do not)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading a pickle (.pkl/.pt): this EXECUTES CODE from the file; only for trusted files")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     p.add_argument("--D", type=parse_D, default=None,
                    help="augmentation dimension: only for files that do not record it (pickles); default: the "
                         "file's")
@@ -284,15 +289,8 @@ def add_evaluate(sub):
                     "the train-vs-test data baseline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--teacher", help="model to sample: a teacher or generator file or run folder (as in `sample`)")
     src.add_argument("--samples", help=".npz of samples (uint8 x [N, H, W, C], as `sample --npz` writes)")
-    p.add_argument("--weights", default="ema",
-                   help="which weights of a training checkpoint: ema or model (online weights)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading a pickle (.pkl/.pt): this EXECUTES CODE from the file; only for trusted files")
-    p.add_argument("--D", type=parse_D, default=None,
-                   help="augmentation dimension: only for files that do not record it (pickles)")
-    p.add_argument("--shape", **INT_LIST, default=None, help=argparse.SUPPRESS)
+    _add_model_source(p, source=src)
     p.add_argument("--data", default=None,
                    help="data set to compare with (default: the one the model or the samples record, else digits)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="as in train-teacher")
@@ -400,6 +398,7 @@ def add_distill(sub):
     groups["checkpoints, logs and evaluation"].add_argument(
         "--final-eval-seeds", type=nonneg_int, default=5,
         help="score the kept generator against the test split over this many seeds at the end (0: skip)")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP + " (a teacher snapshot)")
     _add_run_flags(p)
 
 
@@ -409,7 +408,8 @@ def cmd_distill(args):
     if args.resume:
         _check_resume_flags(args, os.path.join(args.out, "checkpoint.safetensors"), RESUMABLE)
     summary = distill(from_args(DistillConfig, args), resume=args.resume, overwrite=args.overwrite,
-                      skip_bad_images=args.skip_bad_images, progress=args.progress, log=_log)
+                      skip_bad_images=args.skip_bad_images, trust_pickle=args.trust_pickle, progress=args.progress,
+                      log=_log)
     if "rank" in summary:  # not rank 0: nothing to report
         return _exit_code(summary)
     if args.final_eval_seeds and summary.get("stopped") not in ("SIGTERM", "SIGINT"):

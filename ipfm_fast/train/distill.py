@@ -534,7 +534,12 @@ def load_teacher(path, device, trust_pickle=False):
     if mf.role != "teacher":
         raise InvalidInput(f"{mf.path} is a one-step generator (role {mf.role!r}), not a teacher: distill a PFGM++ "
                            f"teacher (the teacher.safetensors of a train-teacher run)")
-    return mf.model.eval().requires_grad_(False), mf.meta
+    meta = dict(mf.meta)  # what a snapshot records on its network (a pickle's D and shape) as well
+    if mf.D is not None:
+        meta.setdefault("D", ckpt._encode_D(mf.D))
+    if mf.shape is not None:
+        meta.setdefault("shape", mf.shape)
+    return mf.model.eval().requires_grad_(False), meta
 
 
 def _is_conv(module):
@@ -594,16 +599,17 @@ def _batch_layout(cfg, dctx):
     return cfg.batch // dctx.world // cfg.micro_batch, cfg.micro_batch
 
 
-def build_state(cfg, *, teacher=None, teacher_meta=None, init=None, dctx=None, device=None):
+def build_state(cfg, *, teacher=None, teacher_meta=None, init=None, dctx=None, device=None, trust_pickle=False):
     """Load the teacher (unless given), fill in the config's defaults from it (D, data,
     micro_batch, model), and build G, the fake network, the EMA and the optimizers
     (DDP-wrapped when ``dctx`` is distributed); G and the fake network start from
-    ``init``'s weights (default: the teacher's). Returns a :class:`DistillState`."""
+    ``init``'s weights (default: the teacher's); ``trust_pickle`` allows a teacher pickle
+    (an EDM / PFGM++ snapshot: loading one executes code from it). Returns a :class:`DistillState`."""
     dctx = dctx or Dist()
     device = torch.device(device) if device is not None else common.resolve_device(cfg.device)
     precision = common.resolve_precision(cfg.precision, device)
     if teacher is None:
-        teacher, teacher_meta = load_teacher(cfg.teacher, device)
+        teacher, teacher_meta = load_teacher(cfg.teacher, device, trust_pickle=trust_pickle)
     else:
         teacher = teacher.to(device).eval().requires_grad_(False)
     teacher_meta = teacher_meta or {}
@@ -628,8 +634,8 @@ def build_state(cfg, *, teacher=None, teacher_meta=None, init=None, dctx=None, d
 # --------------------------------------------------------------------------------------
 
 
-def distill(cfg, *, resume=False, overwrite=False, skip_bad_images=False, progress=None, log=print, teacher=None,
-            teacher_meta=None, init=None):
+def distill(cfg, *, resume=False, overwrite=False, skip_bad_images=False, trust_pickle=False, progress=None, log=print,
+            teacher=None, teacher_meta=None, init=None):
     """Run (or, with ``resume``, continue) a distillation; returns the summary dict (rank 0;
     other ranks return {"rank", "stopped"}). ``teacher``: an already loaded denoiser to use
     instead of ``cfg.teacher`` (with ``teacher_meta`` holding at least its "model" config and
@@ -640,7 +646,7 @@ def distill(cfg, *, resume=False, overwrite=False, skip_bad_images=False, progre
     cfg.validate()
     with DistributedRun(cfg.device) as (dctx, device), contextlib.ExitStack() as stack:
         run = DistillRun(cfg, dctx=dctx, device=device, resume=resume, overwrite=overwrite, log=log, stack=stack,
-                         teacher=teacher, teacher_meta=teacher_meta, init=init)
+                         teacher=teacher, teacher_meta=teacher_meta, init=init, trust_pickle=trust_pickle)
         run.prepare_scoring(skip_bad_images)
         run.train(progress, stack)
         return run.finish()
@@ -651,7 +657,8 @@ class DistillRun:
     scoring and best-generator selection (:meth:`prepare_scoring`), the loop (:meth:`train`)
     with its log windows (:meth:`log_window`), and :meth:`finish` (files and summary)."""
 
-    def __init__(self, cfg, *, dctx, device, resume, overwrite, log, stack, teacher, teacher_meta, init):
+    def __init__(self, cfg, *, dctx, device, resume, overwrite, log, stack, teacher, teacher_meta, init,
+                 trust_pickle=False):
         self.dctx, self.device, self.resume, self.main = dctx, device, resume, dctx.main
         self.say = log if self.main else (lambda *a, **k: None)
         self.ckpt_path = os.path.join(cfg.out, "checkpoint.safetensors")
@@ -665,7 +672,7 @@ class DistillRun:
             cfg = saved.validate()
         asked_D = cfg.D
         self.state = st = build_state(cfg, teacher=teacher, teacher_meta=teacher_meta, init=init, dctx=dctx,
-                                      device=device)
+                                      device=device, trust_pickle=trust_pickle)
         self.cfg = cfg = st.cfg
         stack.enter_context(common.num_threads(common.resolve_threads(cfg.threads, device, count_params(st.gen_net))))
         self.say(self._header())
