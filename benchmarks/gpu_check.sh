@@ -41,6 +41,8 @@
 #          then e2e.py smoke runs on a tiny U-Net: eager, --cuda-graph
 #   D      op benchmarks (benchmarks/bench_*.py) without the           60-120 s        180 s
 #          torch.compile providers -> results/<device>/<op>.json/.md
+#          (bench_compat.py: ipfm_fast.compat at the PFGM++ / SiD call
+#          sites -> results/<device>/compat_*.json)
 #   E      e2e.py at CIFAR-10 size, eager (--compile off): 3x32x32,    40-80 s         150 s
 #          U-Net width 128, depth 3, mults 1 2 2 2, batch 256,
 #          3 rounds x 8 iterations -> distill_step_eager.json
@@ -284,7 +286,7 @@ if [ "$DRY" = 1 ]; then
   # a handful of quick tests per pytest step; CUDA-only tests are skipped by pytest
   K_OPS=(-k "sigma_r_conversions or philox_known_answers or bad_backend or auto_and_reference_backends or extension_reports or generator_on_another_device")
   K_LOOP=()                                  # -m gpu: all skipped without a GPU
-  K_BENCH=(-k "(test_perturb and cifar10) or (test_losses and 256 and cpu and forward) or (test_field_target and cpu and train)")
+  K_BENCH=(-k "(test_perturb and cifar10) or (test_losses and 256 and cpu and forward) or (test_field_target and cpu and train) or (test_compat_sid_losses and inf and cifar10)")
   K_BENCH_COMPILED=(-k "test_perturb and cifar10")
   K_OPS_COMPILED=(--collect-only)
   export IPFM_BENCH_ROUNDS=1

@@ -2,6 +2,7 @@
 
     import ipfm_fast as ipf
     y = ipf.perturb(x, sigma, D)                 # PFGM++ perturbation kernel
+    n = ipf.noise_from_gaussian(g, sigma, D)     # its noise for a given gaussian g
     z = ipf.sample_prior((B, C, H, W), 80.0, D)  # prior at sigma_max
     t = ipf.field_target(y, sigma, x_ref, D)     # reference-batch posterior mean (PFGM++ / STF target)
     loss_g = ipf.ipfm_generator_loss(teacher_out, fake_out, x)   # generator (SiD/IPFM) loss
@@ -19,7 +20,7 @@ from ipfm_fast.backends import BACKENDS  # noqa: E402
 from ipfm_fast.errors import BackendUnavailable, IpfmError  # noqa: E402
 from ipfm_fast.ops.field_target import field_target  # noqa: E402
 from ipfm_fast.ops.losses import ipfm_fake_loss, ipfm_generator_loss  # noqa: E402
-from ipfm_fast.ops.perturb import perturb, sample_prior  # noqa: E402
+from ipfm_fast.ops.perturb import noise_from_gaussian, perturb, sample_prior  # noqa: E402
 from ipfm_fast.schedules import r_to_sigma, sigma_to_r  # noqa: E402
 
 # What a user calls. The reference (the spec and the fallback) is reached through
@@ -33,6 +34,7 @@ __all__ = [
     "ipfm_fake_loss",
     "ipfm_generator_loss",
     "errors",
+    "noise_from_gaussian",
     "perturb",
     "r_to_sigma",
     "sample_prior",

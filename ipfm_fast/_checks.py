@@ -4,8 +4,9 @@ name, so the two cannot disagree on what is valid or say it differently. Each er
 the op and the argument and what was expected: InvalidInput (a ValueError) for values,
 shapes and devices, InvalidType (a TypeError) for types.
 
-    per op      check_perturb, check_prior, check_field_target, check_generator_loss,
-                check_fake_loss: every rule of the op; returns the arguments normalized
+    per op      check_perturb, check_prior, check_given_gaussian, check_field_target,
+                check_generator_loss, check_fake_loss: every rule of the op; returns the
+                arguments normalized (+ check_clip_beta: perturb's opt-in Beta clip)
     pieces      check_D, check_rows, check_sigma (+ check_sigma_values), check_generator,
                 check_real, check_reduction, check_loss_inputs, check_loss_weight,
                 check_finite
@@ -184,6 +185,38 @@ def check_perturb(x, sigma, D, generator, op):
     D = check_D(D, op)
     check_generator(generator, x.device, op)
     sigma_t, sigma_f = check_sigma(sigma, x.shape[0], x.device, op)
+    return D, sigma_t, sigma_f
+
+
+def check_clip_beta(clip_beta, D, op):
+    """clip_beta: None, or (lo, hi) with 0 <= lo < hi <= 1 and D finite (the PFGM++ recipe's
+    clip of B ~ Beta(N/2, D/2)). Returns the clip in t = B / (1 - B) = |g|^2 / W:
+    (lo / (1 - lo), hi / (1 - hi)); (0, inf) for None (no clip)."""
+    if clip_beta is None:
+        return 0.0, math.inf
+    if isinstance(clip_beta, (str, bytes, torch.Tensor)) or not hasattr(clip_beta, "__len__") or len(clip_beta) != 2:
+        raise InvalidType(f"{op}: clip_beta must be None or a pair (lo, hi) of floats, got {clip_beta!r}")
+    lo, hi = (check_real(v, "clip_beta", op) for v in clip_beta)
+    if not 0.0 <= lo < hi <= 1.0:
+        raise InvalidInput(f"{op}: clip_beta = (lo, hi) needs 0 <= lo < hi <= 1 (bounds of a Beta draw), "
+                           f"got ({lo}, {hi})")
+    if math.isinf(D):
+        raise InvalidInput(f"{op}: clip_beta needs a finite D (it clips the Beta(N/2, D/2) draw of the PFGM++ "
+                           f"recipe; D = inf has none)")
+    return lo / (1.0 - lo), (math.inf if hi == 1.0 else hi / (1.0 - hi))
+
+
+def check_given_gaussian(g, sigma, D, generator, op):
+    """noise_from_gaussian(g, sigma, D, generator=): g a floating-point [B, ...] tensor that
+    does not require grad (the op has no gradient for it). Returns (D, sigma tensor or
+    None, sigma float or None)."""
+    check_rows(g, "g", op)
+    if g.requires_grad and torch.is_grad_enabled():
+        raise InvalidInput(f"{op}: g requires grad, but the op has no gradient for it (only sigma gets one); "
+                           f"pass g.detach()")
+    D = check_D(D, op)
+    check_generator(generator, g.device, op)
+    sigma_t, sigma_f = check_sigma(sigma, g.shape[0], g.device, op)
     return D, sigma_t, sigma_f
 
 

@@ -31,7 +31,7 @@ from ipfm_fast.errors import BadFile, InvalidInput, MissingFile
 from ipfm_fast.models import build_denoiser
 
 META_KEY = "ipfm_fast"
-DENOISER_FILES = ("teacher.safetensors", "generator.safetensors", "model.safetensors")
+DENOISER_FILES = ("teacher.safetensors", "generator.safetensors", "model.safetensors", "generator.pkl")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth")
 
 
@@ -202,10 +202,8 @@ def load_model(path, *, device="cpu", which="ema", trust_pickle=False):
     D = meta.get("D", config.get("D"))
     sigma_init = meta.get("sigma_init", config.get("sigma_init")) if role == "generator" else None
     shape = (meta.get("model") or {}).get("shape")
-    if shape is None:  # an EDM-style pickle records its resolution on the network
-        net = getattr(model, "net", None)
-        if hasattr(net, "img_channels") and hasattr(net, "img_resolution"):
-            shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    if meta.get("kind") == "pickle":  # what an EDM / PFGM++ snapshot's network records (load_pickle)
+        shape = meta.get("shape")
     if role == "generator" and sigma_init is None:
         raise BadFile(f"{path!r} is a generator file without its sigma_init")
     return ModelFile(model=model, meta=meta, path=path, role=role, D=None if D is None else decode_D(D),
@@ -314,20 +312,65 @@ class ExternalDenoiser(torch.nn.Module):
         return self.net(x.float(), sigma.float().reshape(-1)).to(x.dtype)
 
 
+def snapshot_facts(net):
+    """(D, [C, H, W]) as an EDM / PFGM++ ``EDMPrecond`` records them, each None where it does
+    not: PFGM++'s network has ``D`` and ``pfgmpp`` (False: trained as EDM, D = inf, whatever
+    ``D`` says); a network with ``D`` only is taken at that D; EDM's (and SiD's) has neither.
+    The shape from ``img_channels`` and ``img_resolution``."""
+    D = None
+    raw = getattr(net, "D", None)
+    if getattr(net, "pfgmpp", None) is False:
+        D = math.inf
+    elif raw is not None and not isinstance(raw, bool):
+        try:
+            D = math.inf if str(raw).strip() == "inf" else float(raw)
+        except (TypeError, ValueError):
+            D = None
+        if D is not None and not D > 0:
+            D = None
+    shape = None
+    if hasattr(net, "img_channels") and hasattr(net, "img_resolution"):
+        shape = [int(net.img_channels), int(net.img_resolution), int(net.img_resolution)]
+    return D, shape
+
+
+_ORIGINAL_REPOS = "NVlabs/edm, Newbeeer/pfgmpp, mingyuanzhou/SiD or daniil-shlenskii/pfgmpp-idmd"
+
+
+def _unpickle(path, device):
+    """The object in a pickle, with the failures a foreign snapshot meets as BadFile: code the
+    pickle names that cannot be imported here (EDM-style snapshots name ``torch_utils`` and
+    ``dnnlib`` of the repository that wrote them, and their embedded class sources import
+    more), and files that are not pickles."""
+    try:
+        if path.lower().endswith((".pt", ".pth")):
+            return torch.load(path, map_location=device, weights_only=False)
+        with open(path, "rb") as f:
+            return pickle.load(f)  # noqa: S301 - explicitly trusted by the caller
+    except ModuleNotFoundError as err:
+        raise BadFile(f"{path!r}: unpickling it needs the module {err.name!r}, which is not importable here: put the "
+                      f"original repository (the code that wrote the snapshot, e.g. {_ORIGINAL_REPOS}) on PYTHONPATH"
+                      ) from err
+    except (ImportError, AttributeError) as err:  # a module or class the pickle names is missing or moved
+        raise BadFile(f"{path!r}: unpickling it failed ({type(err).__name__}: {err}): the classes it names must be "
+                      f"importable as they were when it was written; put the original repository (e.g. "
+                      f"{_ORIGINAL_REPOS}) on PYTHONPATH") from err
+    except (pickle.UnpicklingError, EOFError) as err:
+        raise BadFile(f"{path!r}: not a readable pickle ({type(err).__name__}: {err})") from err
+
+
 def load_pickle(path, *, trust_pickle=False, device="cpu"):
     """Load a network from a pickle (an EDM/PFGM++ ``.pkl`` dict with an ``ema`` entry, or
     a pickled ``nn.Module`` in ``.pt``/``.pth``). **Unpickling executes code from the
     file**: refused unless ``trust_pickle=True``. The classes the pickle names (e.g. EDM's
-    ``torch_utils`` and ``dnnlib``) must be importable."""
+    ``torch_utils`` and ``dnnlib``) must be importable: put the repository that wrote it on
+    PYTHONPATH (BadFile says which module is missing). The metadata records the D and
+    sample shape the network carries (:func:`snapshot_facts`)."""
     if not trust_pickle:
         raise PickleRefused(
             f"{path!r} is a pickle: loading it can execute arbitrary code from the file. Pass --trust-pickle "
             f"(trust_pickle=True) only if you trust its source, or convert it to a safetensors denoiser file.")
-    if path.lower().endswith((".pt", ".pth")):
-        obj = torch.load(path, map_location=device, weights_only=False)
-    else:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)  # noqa: S301 - explicitly trusted by the caller
+    obj = raw = _unpickle(path, device)
     if isinstance(obj, dict):
         for key in ("ema", "net", "model"):
             if isinstance(obj.get(key), torch.nn.Module):
@@ -335,5 +378,26 @@ def load_pickle(path, *, trust_pickle=False, device="cpu"):
                 break
     if not isinstance(obj, torch.nn.Module):
         raise BadFile(f"{path!r}: expected an nn.Module or a dict with an 'ema' module, got {type(obj).__name__}")
+    recorded = raw.get(PICKLE_META_KEY, {}) if isinstance(raw, dict) else {}
     model = ExternalDenoiser(obj).to(device).eval().requires_grad_(False)
-    return model, {"kind": "pickle", "source": os.path.abspath(path)}
+    meta = {**recorded, "kind": "pickle", "source": os.path.abspath(path)}
+    D, shape = snapshot_facts(obj)
+    if D is not None:
+        meta.setdefault("D", _encode_D(D))
+    if shape is not None:
+        meta.setdefault("shape", shape)
+    return model, meta
+
+
+PICKLE_META_KEY = "ipfm_fast"  # what ipfm_fast records in the pickles it writes (save_pickled_denoiser)
+
+
+def save_pickled_denoiser(path, model, **meta):
+    """Write a denoiser without a model config (a network from a trusted snapshot, wrapped in
+    :class:`ExternalDenoiser`) the way snapshots are written: a pickle of {"ema": network,
+    "ipfm_fast": metadata}, loadable by the code that wrote the snapshot and, with
+    ``trust_pickle``, by :func:`load_model` (which reads the metadata back)."""
+    net = model.net if isinstance(model, ExternalDenoiser) else model
+    with replacing(path, ".pkl") as tmp, open(tmp, "wb") as f:
+        pickle.dump({"ema": net, PICKLE_META_KEY: meta}, f)
+    return path

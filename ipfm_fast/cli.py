@@ -414,7 +414,7 @@ def cmd_distill(args):
         return _exit_code(summary)
     if args.final_eval_seeds and summary.get("stopped") not in ("SIGTERM", "SIGINT"):
         final_evaluation(args.out, seeds=args.final_eval_seeds, device=args.device, log=_log,
-                         skip_bad_images=args.skip_bad_images)
+                         skip_bad_images=args.skip_bad_images, trust_pickle=args.trust_pickle)
     print(f"summary: {os.path.join(args.out, 'summary.json')}")
     return _exit_code(summary)
 

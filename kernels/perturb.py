@@ -17,6 +17,12 @@ C++ kernels' (``csrc/include/ipfm/perturb_math.h``):
 Tile sizes are chosen by the launcher (ipfm_fast.ops.perturb.triton_tiles): about 1024
 elements per program on a GPU; far larger tiles in the interpreter, where each program
 costs milliseconds (``ipfm_fast.ops._launch.gpu_tiles()`` forces the GPU ones there).
+
+Variants behind constexprs (off: the code above, unchanged): ``GIVEN_G`` reads the gaussian
+from ``g_ptr`` instead of drawing it; ``CLIP`` scales each row's radius by
+``sqrt(clip(t) / t)``, ``t = |g|^2 / W`` (the PFGM++ recipe's Beta clip, see
+csrc/include/ipfm/perturb_math.h clip_factor), reading the row's ``|g|^2`` from the
+per-program partial sums that ``perturb_norm_kernel`` (same tiles) wrote first.
 """
 
 import triton
@@ -62,12 +68,55 @@ def chi2_scale(seed, rows, alpha, CAND: tl.constexpr):
 
 
 @triton.jit
+def clip_factor(q, scale, alpha, t_lo, t_hi):
+    """sqrt(clip(t) / t), t = q * scale^2 / D = |g|^2 / W, in fp64 (1 where q = 0)."""
+    t = q * scale * scale / (2.0 * alpha)
+    clipped = tl.minimum(tl.maximum(t, t_lo), t_hi)
+    return tl.where(q > 0.0, tl.sqrt(clipped / tl.where(q > 0.0, t, 1.0)), 1.0)
+
+
+@triton.jit
+def perturb_norm_kernel(
+    g_ptr, g_row_stride, partial_ptr, seed_ptr, n_rows, n, groups, blocks_per_row,
+    GIVEN_G: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """|g|^2 of each row's part in one perturb_kernel tile -> partial[row, chunk] (fp32).
+    Drawn g: a full group of four normals adds -2 (ln u1 + ln u3) (Box-Muller: n1^2 + n2^2
+    = r^2), no sines or cosines; only the row's last tile evaluates its normals."""
+    pid = tl.program_id(0)
+    rows = (pid // blocks_per_row).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    chunk = pid % blocks_per_row
+    row_mask = rows < n_rows
+    rows64 = rows[:, None]
+    if GIVEN_G:
+        cols = chunk * (4 * BLOCK_G) + tl.arange(0, 4 * BLOCK_G)[None, :]
+        mask = row_mask[:, None] & (cols < n)
+        g = tl.load(g_ptr + rows64 * g_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        sq = tl.sum(g * g, axis=1)
+    else:
+        seed = tl.load(seed_ptr)
+        group = chunk * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
+        if (chunk + 1) * (4 * BLOCK_G) <= n:  # every group of the tile is full
+            i1, _, i3, _ = tl.randint4x(seed, rows64 * groups + group)
+            u1 = tl.maximum(uint_to_uniform_float(i1), 1.0e-7)
+            u3 = tl.maximum(uint_to_uniform_float(i3), 1.0e-7)
+            sq = tl.sum(tl.where(row_mask[:, None], -2.0 * (tl.log(u1) + tl.log(u3)), 0.0), axis=1)
+        else:
+            n1, n2, n3, n4 = tl.randn4x(seed, rows64 * groups + group)
+            g = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [ROWS, 4 * BLOCK_G])
+            cols = chunk * (4 * BLOCK_G) + tl.arange(0, 4 * BLOCK_G)[None, :]
+            sq = tl.sum(tl.where(row_mask[:, None] & (cols < n), g * g, 0.0), axis=1)
+    tl.store(partial_ptr + rows * blocks_per_row + chunk, sq, mask=row_mask)
+
+
+@triton.jit
 def perturb_kernel(
-    x_ptr, x_row_stride, y_ptr, y_row_stride, noise_ptr, noise_row_stride,
-    sigma_ptr, sigma_scalar, alpha: tl.float64, seed_ptr,
+    x_ptr, x_row_stride, y_ptr, y_row_stride, noise_ptr, noise_row_stride, g_ptr, g_row_stride,
+    sigma_ptr, sigma_scalar, alpha: tl.float64, seed_ptr, partial_ptr, t_lo: tl.float64, t_hi: tl.float64,
     n_rows, n, groups, blocks_per_row,
     HAS_X: tl.constexpr, SIGMA_PER_ROW: tl.constexpr, WRITE_NOISE: tl.constexpr,
     FINITE_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr, CAND: tl.constexpr,
+    GIVEN_G: tl.constexpr, CLIP: tl.constexpr, NB: tl.constexpr, P_LOOP: tl.constexpr,
 ):
     """One program: a [ROWS, 4 * BLOCK_G] tile (ROWS > 1 only when rows are short)."""
     pid = tl.program_id(0)
@@ -76,7 +125,17 @@ def perturb_kernel(
     chunk = pid % blocks_per_row
     row_mask = rows < n_rows
     seed = tl.load(seed_ptr)
-    if FINITE_D:
+    if CLIP:  # FINITE_D (the launcher refuses a clip for D = inf)
+        # the row's |g|^2: its tiles' partial sums in order (NB at a time), the same in every tile
+        q = tl.zeros([ROWS], dtype=tl.float64)
+        for k in range(0, P_LOOP, NB):  # P_LOOP = blocks_per_row: a constexpr bound (see field_target.py)
+            idx = k + tl.arange(0, NB)[None, :]
+            part = tl.load(partial_ptr + rows[:, None] * blocks_per_row + idx,
+                           mask=row_mask[:, None] & (idx < blocks_per_row), other=0.0)
+            q += tl.sum(part.to(tl.float64), axis=1)
+        scale64 = chi2_scale(seed, rows, alpha, CAND)
+        scale = (scale64 * clip_factor(q, scale64, alpha, t_lo, t_hi)).to(tl.float32)
+    elif FINITE_D:
         scale = chi2_scale(seed, rows, alpha, CAND).to(tl.float32)
     else:
         scale = tl.full([ROWS], 1.0, dtype=tl.float32)
@@ -88,11 +147,14 @@ def perturb_kernel(
     factor = tl.where((sigma > 0.0) & (sigma < float("inf")), sigma * scale, float("nan"))
 
     rows64 = rows[:, None]
-    group = chunk * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
-    n1, n2, n3, n4 = tl.randn4x(seed, rows64 * groups + group)
-    g = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [ROWS, 4 * BLOCK_G])
     cols = chunk * (4 * BLOCK_G) + tl.arange(0, 4 * BLOCK_G)[None, :]
     mask = row_mask[:, None] & (cols < n)
+    if GIVEN_G:
+        g = tl.load(g_ptr + rows64 * g_row_stride + cols, mask=mask).to(tl.float32)
+    else:
+        group = chunk * BLOCK_G + tl.arange(0, BLOCK_G)[None, :]
+        n1, n2, n3, n4 = tl.randn4x(seed, rows64 * groups + group)
+        g = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [ROWS, 4 * BLOCK_G])
     if HAS_X:
         x = tl.load(x_ptr + rows64 * x_row_stride + cols, mask=mask).to(tl.float32)
         y = x + factor[:, None] * g

@@ -7,6 +7,7 @@ number there is typed by hand:
     perf     benchmarks/results/*/*.json    (make bench; see benchmarks/summarize.py)
     e2e      benchmarks/results/*/distill_step*.json (make bench-e2e)
     profile  benchmarks/results/*/distill_profile.md (make bench-e2e; benchmarks/profile_step.py)
+    compat   benchmarks/results/*/compat_*.json (make bench; benchmarks/bench_compat.py) -> docs/compat.md
 
     python scripts/update_readme.py          # rewrite the blocks in place
     python scripts/update_readme.py --check  # exit 1 if one is out of date
@@ -92,6 +93,48 @@ def profile_block(base):
     return "\n\n".join(parts)
 
 
+# benchmarks/bench_compat.py's ops: the call site each one times (original -> drop-in)
+COMPAT_SITES = {
+    "compat_pfgmpp_perturb": "pfgmpp `EDMLoss` perturbation: host Beta + CPU Gaussian -> `ipf.perturb(clip_beta=...)`",
+    "compat_sample_noise": "pfgmpp-idmd `sample_noise`: CPU Beta -> device chi-square",
+    "compat_pfgmpp_target": "pfgmpp reference-batch target: float64 [B, M, N+1] -> `ipf.field_target`",
+    "compat_pfgmpp_edm_loss": "pfgmpp `EDMLoss(pfgmpp=True)`",
+    "compat_sid_generator_loss": "SiD / pfgmpp-idmd `SID_EDMLoss.generator_loss`",
+    "compat_sid_fake_loss": "SiD / pfgmpp-idmd `SID_EDMLoss.__call__` (fake loss)",
+    "compat_rand_beta_prime": "pfgmpp `generate.py` prior (`rand_beta_prime`)",
+}
+
+
+def compat_block(base):
+    """The drop-ins against the originals at their call sites: median and minimum over the
+    interleaved rounds of each side, and the speedups by both statistics."""
+    import glob
+
+    rows = ["| call site | device | size | mode | original (median / min) | ipfm_fast.compat (median / min) "
+            "| speedup by median | by min | rounds | source |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for op, site in COMPAT_SITES.items():
+        for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", f"{op}.json"))):
+            with open(path) as f:
+                run = json.load(f)
+            device = run["device"]
+            group = {}
+            for r in run["rows"]:
+                group.setdefault((r["size"], r["mode"]), {})[r["provider"]] = r
+            for (size, mode), by in sorted(group.items()):
+                orig, new = by.get("original"), by.get("ipfm_fast.compat")
+                if not orig or not new:
+                    continue
+                threads = new.get("threads")  # CPU rows: the threads both sides ran on
+                name = device.split(" (")[0]
+                where = device if threads is None else f"{name} ({threads} thread{'s' * (threads != 1)})"
+                backend = f", {new['backend']}" if new.get("backend") else ""
+                rows.append(f"| {site} | {where}{backend} | {size} | {mode} | {orig['median_ms']:.3g} / "
+                            f"{orig['min_ms']:.3g} ms | {new['median_ms']:.3g} / {new['min_ms']:.3g} ms "
+                            f"| **{new['speedup_median']:.1f}x** | {new['speedup_min']:.1f}x | {new['rounds']} "
+                            f"| [{run['date'][:10]}]({os.path.relpath(path, os.path.join(ROOT, base))}) |")
+    return "\n".join(rows)
+
+
 # (file, block) -> the text between <!-- block-table:begin --> and <!-- block-table:end -->
 BLOCKS = {
     ("README.md", "demo"): demo_block,
@@ -100,6 +143,7 @@ BLOCKS = {
     ("docs/guide.md", "teacher"): lambda: _tables(_read("docs/results/teacher_digits.md")),
     ("docs/performance.md", "e2e"): lambda: e2e_block("docs"),
     ("docs/performance.md", "profile"): lambda: profile_block("docs"),
+    ("docs/compat.md", "compat"): lambda: compat_block("docs"),
 }
 FILES = sorted({f for f, _ in BLOCKS})
 

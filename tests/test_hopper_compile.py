@@ -44,6 +44,7 @@ def sweep():
     import torch
 
     import ipfm_fast as ipf
+    from ipfm_fast.ops.perturb import noise_from_gaussian
     from ipfm_fast.testing import hopper_compile_only, launched_kernels
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
@@ -67,6 +68,25 @@ def sweep():
                 out.float().sum().backward()
         for shape, dtype, D, sigma in [((3, 4100), f32, 128.0, 80.0), ((2, 5), f16, math.inf, torch.rand(2) + 1)]:
             ipf.sample_prior(shape, sigma, D, dtype=dtype, backend="triton")
+        # the Beta clip (norm pre-pass + CLIP: rows spanning several programs read several
+        # partials, short rows several rows per program) and a given gaussian (GIVEN_G), with
+        # and without the clip; the clipped sigma gradient regenerates the noise clipped
+        for shape, dtype, D, sigma_kind in [((4, 3000), f32, 4.0, "per-row-grad"), ((37, 9), bf16, 128.0, "scalar"),
+                                            ((1, 1), f16, 3.5, "per-row")]:
+            x = torch.randn(shape, dtype=dtype)
+            sigma = 0.5 if sigma_kind == "scalar" else (torch.rand(shape[0]) + 0.1)
+            if sigma_kind == "per-row-grad":
+                sigma.requires_grad_()
+            out = ipf.perturb(x, sigma, D, clip_beta=(1e-3, 1 - 1e-3), return_noise=dtype == f16, backend="triton")
+            if sigma_kind == "per-row-grad":
+                out.float().sum().backward()
+        ipf.sample_prior((3, 4100), 80.0, 128.0, clip_beta=(1e-3, 1 - 1e-3), backend="triton")
+        noise_from_gaussian(torch.randn(4, 3000), torch.rand(4) + 0.1, 128.0, backend="triton")
+        noise_from_gaussian(torch.randn(37, 9, dtype=bf16), 0.5, 16.0, clip_beta=(0.1, 0.9), backend="triton")
+        noise_from_gaussian(torch.randn(2, 3, 6, 6, dtype=f16).to(memory_format=torch.channels_last), 0.5,
+                            math.inf, backend="triton")
+        noise_from_gaussian(torch.randn(3, 5000), 0.5, 8.0, clip_beta=(0.1, 0.9), backend="triton")
+
         # layouts the launchers keep as they are: channels_last rows, sliced rows (odd row
         # strides), a 0-dim sigma tensor
         x = torch.randn(4, 3, 6, 6).to(memory_format=torch.channels_last)
@@ -158,6 +178,12 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
     # perturb: every flag both ways, short rows (ROWS > 1) and long (several programs per row)
     for flag in ("HAS_X", "SIGMA_PER_ROW", "WRITE_NOISE", "FINITE_D"):
         assert {v for (v,) in variants("perturb_kernel", flag)} == {True, False}, flag
+    for flag in ("GIVEN_G", "CLIP"):  # the opt-in variants, next to the default path
+        assert {v for (v,) in variants("perturb_kernel", flag)} == {True, False}, flag
+    assert {v for (v,) in variants("perturb_norm_kernel", "GIVEN_G")} == {True, False}
+    assert {r > 1 for (r,) in variants("perturb_norm_kernel", "ROWS")} == {True, False}
+    assert any(clip and p_loop > 1 for clip, p_loop in variants("perturb_kernel", "CLIP", "P_LOOP"))
+    assert not any(clip and not finite for clip, finite in variants("perturb_kernel", "CLIP", "FINITE_D"))
     rows_per_program = {r for (r,) in variants("perturb_kernel", "ROWS")}
     assert 1 in rows_per_program and max(rows_per_program) > 1
     assert any(launch["kernel"].endswith(".perturb_kernel") and launch["constexprs"]["ROWS"] == 1

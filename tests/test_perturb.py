@@ -11,6 +11,8 @@ from scipy import stats
 import ipfm_fast as ipf
 from ipfm_fast import _ext, backends
 from ipfm_fast.errors import InvalidInput, InvalidType
+from ipfm_fast.ops import _launch
+from ipfm_fast.ops.perturb import noise_from_gaussian
 
 from conftest import DEVICES, HAS_CUDA, fused_backends
 
@@ -183,8 +185,8 @@ def test_chi2_scale_matches_noise():
     """The C++ chi-square draw is what the kernels apply: |noise|^2 / |g|^2 per row."""
     x = torch.randn(16, 8)
     seed = ipf.ops.perturb._launch.draw_seed(None, "cpu")
-    y, noise = torch.ops.ipfm_fast.perturb(x, None, 1.0, 64.0, seed, True, "cpu")
-    _, g = torch.ops.ipfm_fast.perturb(x, None, 1.0, math.inf, seed, True, "cpu")
+    y, noise = torch.ops.ipfm_fast.perturb(x, None, 1.0, 64.0, seed, True, 0.0, math.inf, "cpu")
+    _, g = torch.ops.ipfm_fast.perturb(x, None, 1.0, math.inf, seed, True, 0.0, math.inf, "cpu")
     s = int(seed.item()) & (2**64 - 1)
     want = torch.tensor([_ext._C.chi2_scale(s, r, 32.0) for r in range(16)])
     torch.testing.assert_close(noise[:, 0] / g[:, 0], want, rtol=1e-6, atol=0)
@@ -225,9 +227,16 @@ def test_opcheck(device, backend):
     x = torch.randn(3, 2, 5, device=device)
     sigma = torch.rand(3, device=device) + 0.1
     seed = torch.tensor([123], dtype=torch.int64, device=device)
-    for args in [(x, sigma, 0.0, 128.0, seed, True, backend), (x, None, 0.5, math.inf, seed, False, backend)]:
+    inf = math.inf
+    for args in [(x, sigma, 0.0, 128.0, seed, True, 0.0, inf, backend),
+                 (x, None, 0.5, inf, seed, False, 0.0, inf, backend),
+                 (x, sigma, 0.0, 4.0, seed, True, 0.5, 2.0, backend)]:  # the Beta clip
         torch.library.opcheck(torch.ops.ipfm_fast.perturb, args)
-    torch.library.opcheck(torch.ops.ipfm_fast.perturb_noise, ([3, 7], [7, 1], torch.float32, sigma, 0.0, 8.0, seed, backend))
+    g = torch.randn(3, 7, device=device)
+    for args in [([3, 7], [7, 1], torch.float32, sigma, 0.0, 8.0, seed, None, 0.0, inf, backend),
+                 ([3, 7], [7, 1], torch.float32, None, 0.5, 8.0, seed, g, 0.0, inf, backend),  # given gaussian
+                 ([3, 7], [7, 1], torch.float32, sigma, 0.0, 8.0, seed, g, 0.2, 0.9, backend)]:
+        torch.library.opcheck(torch.ops.ipfm_fast.perturb_noise, args)
 
 
 @pytest.mark.skipif(_ext._C is None, reason="extension not built")
@@ -419,6 +428,231 @@ def test_large_rows_on_gpu_match_distribution():
         y = ipf.perturb(x, 1.0, 128.0, backend=b)
         ratio = _radius_ratio(x, y, 1.0, 128.0)
         assert stats.kstest(ratio, stats.betaprime(x.shape[1] / 2, 64.0).cdf).pvalue > KS_P
+
+
+# ---------------------------------------------------------------------------------------
+# opt-in variants: the Beta clip (clip_beta) and a given gaussian (noise_from_gaussian)
+# ---------------------------------------------------------------------------------------
+
+CLIP = (1e-3, 1 - 1e-3)  # pfgmpp's and the IPFM authors' clip of B ~ Beta(N/2, D/2)
+
+
+def _beta(noise, D):
+    """B = t / (1 + t) per row, t = |noise|^2 / D = |g|^2 / W (the recipe's Beta draw)."""
+    t = noise.double().reshape(noise.shape[0], -1).square().sum(1) / D
+    return (t / (1 + t)).cpu().numpy()
+
+
+def _check_clipped_beta(b, n, D, lo, hi):
+    """b: clipped Beta(N/2, D/2) draws. The mass at each bound is binomial with the Beta's
+    tail probability; the values strictly inside follow the Beta truncated to (lo, hi)."""
+    law = stats.beta(n / 2, D / 2)
+    at_lo = np.isclose(b, lo, rtol=1e-5, atol=0) & (lo > 0)  # a bound at 0 or 1 is no clip
+    at_hi = np.isclose(b, hi, rtol=1e-5, atol=0) & (hi < 1)
+    assert b.min() >= lo * (1 - 1e-5) and b.max() <= hi * (1 + 1e-5)
+    assert stats.binomtest(int(at_lo.sum()), len(b), law.cdf(lo)).pvalue > KS_P
+    assert stats.binomtest(int(at_hi.sum()), len(b), law.sf(hi)).pvalue > KS_P
+    inner = b[~at_lo & ~at_hi]
+    f_lo, f_hi = law.cdf(lo), law.cdf(hi)
+    if len(inner) > 20:
+        assert stats.kstest(inner, lambda v: (law.cdf(v) - f_lo) / (f_hi - f_lo)).pvalue > KS_P
+    return at_lo.mean(), at_hi.mean()
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+@pytest.mark.parametrize("D,n,clip", [(4.0, 3072, CLIP), (128.0, 64, (0.2, 0.45)), (1.0, 5, (0.3, 0.95)),
+                                      (4.0, 3072, (0.0, 1.0))])
+def test_clipped_radius_follows_the_clipped_beta(device, backend, D, n, clip):
+    """With clip_beta the law is the recipe's clipped one: at N = 3072, D = 4 the clip at
+    1 - 1e-3 binds for about 46% of rows; (0, 1) is no clip at all."""
+    rows = _rows_for(backend)
+    x = torch.randn(rows, n, device=device)
+    torch.manual_seed(4321)
+    y, noise = ipf.perturb(x, 0.6, D, clip_beta=clip, return_noise=True, backend=backend)
+    torch.testing.assert_close(y, x + 0.6 * noise, rtol=1e-5, atol=1e-5)
+    frac_lo, frac_hi = _check_clipped_beta(_beta(noise, D), n, D, *clip)
+    if (D, n, clip) == (4.0, 3072, CLIP):
+        assert 0.38 < frac_hi < 0.54 and frac_lo == 0
+    if clip == (0.0, 1.0):
+        torch.manual_seed(4321)
+        assert torch.equal(y, ipf.perturb(x, 0.6, D, backend=backend))  # the unclipped path
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_clipped_direction_is_uniform(device, backend):
+    torch.manual_seed(8)
+    n = 6
+    x = torch.randn(_rows_for(backend), n, device=device)
+    u = ipf.perturb(x, 1.0, 3.0, clip_beta=(0.3, 0.6), backend=backend).double() - x.double()
+    u = u / u.norm(dim=1, keepdim=True)
+    t = u[:, 0].cpu().numpy()  # one coordinate of a uniform direction
+    assert stats.kstest((t + 1) / 2, stats.beta((n - 1) / 2, (n - 1) / 2).cdf).pvalue > KS_P
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 4103), (37, 9), (1, 1)])
+@pytest.mark.parametrize("D", [1.0, 128.0])
+def test_fused_backends_clip_the_same(device, shape, D):
+    names = fused_backends(device)
+    if len(names) < 2:
+        pytest.skip(f"one fused backend on {device}: {names}")
+    x = torch.randn(shape, device=device)
+    sigma = torch.rand(shape[0], device=device) + 0.05
+    results = {}
+    for b in names:
+        torch.manual_seed(77)
+        results[b] = ipf.perturb(x, sigma, D, clip_beta=(0.2, 0.5), backend=b, return_noise=True)
+    for b in names[1:]:
+        for got, want in zip(results[b], results[names[0]]):
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(_ext._C is None, reason="extension not built")
+@pytest.mark.parametrize("shape", [(1, 3, 256, 256), (3, 3, 64, 65), (4, 9)])
+def test_cpu_clip_does_not_depend_on_the_thread_count(shape):
+    """One or two threads, and whole rows per thread or the (row, chunk) pre-pass: the
+    same floats summed in the same order."""
+    x = torch.randn(shape)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(3)
+            outs.append(ipf.perturb(x, 0.9, 128.0, clip_beta=CLIP, return_noise=True, backend="cpu"))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_clipped_gradients(device, backend):
+    """The clip factor does not depend on sigma: dy/dsigma = (y - x) / sigma still."""
+    x = torch.randn(5, 3, 7, device=device, requires_grad=True)
+    sigma = (torch.rand(5, device=device) + 0.1).requires_grad_()
+    torch.manual_seed(12)
+    y = ipf.perturb(x, sigma, 2.0, clip_beta=(0.3, 0.6), backend=backend)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    torch.testing.assert_close(x.grad, w)
+    want = (w.double() * (y.double() - x.double()) / sigma.double()[:, None, None]).sum((1, 2))
+    torch.testing.assert_close(sigma.grad.double(), want, rtol=1e-4, atol=1e-5)
+    b = _beta((y - x).detach() / sigma.detach()[:, None, None], 2.0)
+    assert (b > 0.3 - 1e-5).all() and (b < 0.6 + 1e-5).all()
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_clipped_prior(device, backend):
+    torch.manual_seed(21)
+    y = ipf.sample_prior((_rows_for(backend), 3072), 80.0, 4.0, device=device, clip_beta=CLIP, backend=backend)
+    _check_clipped_beta(_beta(y / 80.0, 4.0), 3072, 4.0, *CLIP)
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+@pytest.mark.parametrize("clip", [None, (0.3, 0.7)])
+def test_noise_from_gaussian(device, backend, clip):
+    """sigma * g * sqrt(D / W): one factor per row (the direction is g's), a pure function of
+    g and the generator; D = inf is exactly sigma * g."""
+    g = torch.randn(_rows_for(backend), 10, device=device)
+    sigma = torch.rand(g.shape[0], device=device) + 0.2
+    gen = torch.Generator(device=device).manual_seed(9)
+    noise = noise_from_gaussian(g, sigma, 6.0, generator=gen, clip_beta=clip, backend=backend)
+    gen.manual_seed(9)
+    assert torch.equal(noise, noise_from_gaussian(g, sigma, 6.0, generator=gen, clip_beta=clip, backend=backend))
+    factor = noise.double() / g.double()
+    torch.testing.assert_close(factor, factor[:, :1].expand_as(factor), rtol=1e-5, atol=0)
+    b = _beta(noise / sigma[:, None], 6.0)
+    if clip is None:  # |g|^2 ~ chi2_N: the radius law of the kernel
+        assert stats.kstest(b, stats.beta(5.0, 3.0).cdf).pvalue > KS_P
+    else:
+        _check_clipped_beta(b, 10, 6.0, *clip)
+    assert torch.equal(noise_from_gaussian(g, sigma, math.inf, backend=backend), g * sigma[:, None])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("clip", [None, (0.2, 0.5)])
+def test_fused_backends_scale_a_given_gaussian_the_same(device, clip):
+    names = fused_backends(device)
+    if len(names) < 2:
+        pytest.skip(f"one fused backend on {device}: {names}")
+    g = torch.randn(6, 3, 5, 7, device=device).to(memory_format=torch.channels_last)
+    outs = {}
+    for b in names:
+        torch.manual_seed(5)
+        outs[b] = noise_from_gaussian(g, 0.7, 16.0, clip_beta=clip, backend=b)
+    for b in names[1:]:
+        torch.testing.assert_close(outs[b], outs[names[0]], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_noise_from_gaussian_gradient_and_layouts(device, backend):
+    g = torch.randn(12, 3, 5, 4, device=device)[::2]  # sliced rows
+    sigma = (torch.rand(6, device=device) + 0.5).requires_grad_()
+    noise = noise_from_gaussian(g, sigma, 32.0, clip_beta=(0.1, 0.5), backend=backend)
+    assert noise.shape == g.shape
+    noise.sum().backward()
+    want = (noise.double() / sigma.double()[:, None, None, None]).sum((1, 2, 3))
+    torch.testing.assert_close(sigma.grad.double(), want, rtol=1e-4, atol=1e-5)
+    half = noise_from_gaussian(g.to(torch.bfloat16), 0.5, 32.0, backend=backend)
+    assert half.dtype == torch.bfloat16 and half.shape == g.shape
+
+
+@pytest.mark.skipif(backends.why_not("triton", "cpu", torch.float32) is not None or not backends.triton_interpreter(),
+                    reason="runs the Triton interpreter on CPU tensors")
+@pytest.mark.skipif(_ext._C is None, reason="extension not built")
+@pytest.mark.parametrize("shape", [(4, 3000), (300, 9), (1, 1), (2, 5000)])
+def test_clip_and_given_gaussian_gpu_tiles(shape):
+    """The GPU tile sizes (several programs per row: the row's partial sums read by every
+    program of the row; several rows per program) give the cpu backend's numbers."""
+    x = torch.randn(shape)
+    sigma = torch.rand(shape[0]) + 0.1
+    assert perturb_op_tiles(shape, gpu=True) != perturb_op_tiles(shape, gpu=False) or shape == (1, 1)
+    torch.manual_seed(7)
+    want = ipf.perturb(x, sigma, 4.0, clip_beta=CLIP, return_noise=True, backend="cpu")
+    torch.manual_seed(7)
+    with _launch.gpu_tiles(True):
+        got = ipf.perturb(x, sigma, 4.0, clip_beta=CLIP, return_noise=True, backend="triton")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    torch.manual_seed(8)
+    want = noise_from_gaussian(x, sigma, 4.0, clip_beta=(0.99, 0.9995), backend="cpu")
+    torch.manual_seed(8)
+    with _launch.gpu_tiles(True):
+        got = noise_from_gaussian(x, sigma, 4.0, clip_beta=(0.99, 0.9995), backend="triton")
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def perturb_op_tiles(shape, gpu):
+    from ipfm_fast.ops.perturb import triton_tiles
+
+    return triton_tiles(shape[0], math.prod(shape[1:]), gpu=gpu)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + fused_backends("cpu"))
+def test_bad_clip_and_gaussian(backend):
+    x = torch.randn(4, 3)
+    for clip, error, match in [
+        ((0.5, 0.2), InvalidInput, "0 <= lo < hi <= 1"),
+        ((-0.1, 0.5), InvalidInput, "0 <= lo < hi <= 1"),
+        ((0.1, 1.5), InvalidInput, "0 <= lo < hi <= 1"),
+        ((0.1, float("nan")), InvalidInput, "clip_beta must be finite"),
+        (0.5, InvalidType, "clip_beta must be None or a pair"),
+        ((0.1, 0.2, 0.3), InvalidType, "clip_beta must be None or a pair"),
+        ("ab", InvalidType, "clip_beta must be None or a pair"),
+    ]:
+        with pytest.raises(error, match=match):
+            ipf.perturb(x, 0.5, 8.0, clip_beta=clip, backend=backend)
+    with pytest.raises(InvalidInput, match="clip_beta needs a finite D"):
+        ipf.perturb(x, 0.5, math.inf, clip_beta=CLIP, backend=backend)
+    with pytest.raises(InvalidInput, match="clip_beta needs a finite D"):
+        ipf.sample_prior((4, 3), 0.5, math.inf, clip_beta=CLIP, backend=backend)
+    with pytest.raises(InvalidInput, match="g requires grad"):
+        noise_from_gaussian(x.requires_grad_(), 0.5, 8.0, backend=backend)
+    with pytest.raises(InvalidType, match="g must be floating point"):
+        noise_from_gaussian(torch.ones(4, 3, dtype=torch.int64), 0.5, 8.0, backend=backend)
+    with pytest.raises(InvalidInput, match=r"sigma must be a float or a tensor of shape \[4\]"):
+        noise_from_gaussian(torch.randn(4, 3), torch.ones(3), 8.0, backend=backend)
 
 
 def test_sigma_r_conversions():

@@ -17,9 +17,13 @@ inline void check(int code, const char* op) {
   if (code != 0) throw std::runtime_error(std::string(op) + ": CUDA error: " + error_string(code));
 }
 
+// g: a given gaussian (0: drawn). t_lo > 0 or t_hi < inf: the Beta clip, which needs
+// `partials` = perturb_partials(rows, n) doubles of device scratch.
 int perturb(uintptr_t x, int64_t x_row_stride, uintptr_t y, int64_t y_row_stride, uintptr_t noise,
-            int64_t noise_row_stride, int dtype, int64_t rows, int64_t n, uintptr_t sigma, float sigma_scalar,
-            double alpha, uintptr_t seed, int device, uintptr_t stream);
+            int64_t noise_row_stride, uintptr_t g, int64_t g_row_stride, int dtype, int64_t rows, int64_t n,
+            uintptr_t sigma, float sigma_scalar, double alpha, uintptr_t seed, uintptr_t partials, double t_lo,
+            double t_hi, int device, uintptr_t stream);
+int64_t perturb_partials(int64_t rows, int64_t n);
 
 #ifdef __CUDACC__
 // Makes `device` current for the launch and restores the previous one.

@@ -76,7 +76,7 @@ from ipfm_fast.models import build_denoiser, count_params, describe
 from ipfm_fast.schedules import sample_sigma_distill, sample_sigma_train
 from ipfm_fast.train import common
 from ipfm_fast.train.evaluation import (BestGenerator, SelectionScorer, curve_from_log, evaluate_generator,  # noqa: F401
-                                         final_evaluation, generate, load_generator)
+                                         final_evaluation, generate, generator_file, load_generator)
 from ipfm_fast.train.knobs import SWITCHES, knob, nonneg_int, parse_D, positive_int, resumable, runtime_knob
 from ipfm_fast.train.parallel import Dist, DistributedRun
 from ipfm_fast.train.runbook import RunBook
@@ -721,10 +721,15 @@ class DistillRun:
                                    "role": "generator", "sigma_init": self.cfg.sigma_init, "data_id": self.data_id})
 
     def save_generator(self, name, step, **extra):
+        """``name``.safetensors, or ``name``.pkl for a network without a model config (one
+        from a trusted snapshot: only its own code rebuilds it)."""
         cfg = self.cfg
-        return ckpt.save_denoiser(os.path.join(cfg.out, name), self.state.ema.model, cfg.model,
-                                  D=ckpt._encode_D(float(cfg.D)), sigma_init=cfg.sigma_init, data=cfg.data,
-                                  data_id=self.data_id, steps=step, role="generator", recipe=cfg.to_json(), **extra)
+        meta = dict(D=ckpt._encode_D(float(cfg.D)), sigma_init=cfg.sigma_init, data=cfg.data, data_id=self.data_id,
+                    steps=step, role="generator", recipe=cfg.to_json(), **extra)
+        if not cfg.model:
+            return ckpt.save_pickled_denoiser(os.path.join(cfg.out, name + ".pkl"), self.state.ema.model, **meta)
+        return ckpt.save_denoiser(os.path.join(cfg.out, name + ".safetensors"), self.state.ema.model, cfg.model,
+                                  **meta)
 
     def prepare_scoring(self, skip_bad_images):
         """Rank 0 with ``eval_every``: the data, the scorer and the best-generator keeper; a
@@ -752,7 +757,7 @@ class DistillRun:
                 return scorer.score(x)
 
         def save(step, fd_train):
-            self.save_generator("generator.safetensors", step, fd_train=fd_train)
+            self.save_generator("generator", step, fd_train=fd_train)
 
         curve = curve_from_log(self.log_path) if self.resume else []
         self.selector = BestGenerator(score, save, best=self.saved_best, curve=curve)
@@ -821,16 +826,17 @@ class DistillRun:
         if not self.main:
             return {"rank": self.dctx.rank, "stopped": book.stop_reason}
         done, seconds, iters = book.done, book.seconds, book.done - self.start
-        self.save_generator("generator_last.safetensors", done)
+        self.save_generator("generator_last", done)
         if self.selector is None:  # no selection: the last EMA is the result
-            self.save_generator("generator.safetensors", done)
-        kept, _, _, _ = load_generator(cfg.out, self.device)  # every run folder shows its samples
+            self.save_generator("generator", done)
+        kept, _, _, _ = load_generator(cfg.out, self.device, trust_pickle=True)  # ours: written above
+        # every run folder shows its samples
         grid = save_grid(generate(kept, GRID_SAMPLES, st.shape, st.D, cfg.sigma_init, seed=cfg.eval_seed,
                                   device=self.device, autocast=st.autocast, backend=cfg.backend),
                          os.path.join(cfg.out, "samples.png"), nrow=10)
         best = self.selector.best if self.selector else {"fd_train": math.inf, "step": None}
         summary = {
-            "generator": os.path.join(cfg.out, "generator.safetensors"), "samples": grid, "steps": done,
+            "generator": generator_file(cfg.out), "samples": grid, "steps": done,
             "resumed_from": self.start if self.resume else None, "stopped": book.stop_reason,
             "train_seconds": seconds, "total_train_seconds": self.elapsed0 + seconds,
             "images_per_second": iters * cfg.batch / max(seconds, 1e-9), "best_step": best["step"],

@@ -143,24 +143,33 @@ def curve_from_log(path):
         return [{k: r[k] for k in ("step", "fd_train", "fd_test")} for r in map(json.loads, f) if "fd_test" in r]
 
 
-def load_generator(path, device="cpu"):
-    """A saved one-step generator (``generator.safetensors`` or a run folder holding
-    one): (model, D, sigma_init, metadata)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "generator.safetensors")
-    model, meta = ckpt.load_denoiser(path, device=device)
+def generator_file(path):
+    """The generator a run folder keeps: ``generator.safetensors``, or ``generator.pkl``
+    for a run distilled from a pickled snapshot; a file path is returned as it is."""
+    if not os.path.isdir(path):
+        return path
+    for name in ("generator.safetensors", "generator.pkl"):
+        if os.path.exists(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return os.path.join(path, "generator.safetensors")  # missing: load_denoiser names it
+
+
+def load_generator(path, device="cpu", trust_pickle=False):
+    """A saved one-step generator (a generator file or a run folder holding one):
+    (model, D, sigma_init, metadata). A ``.pkl`` generator needs ``trust_pickle``."""
+    model, meta = ckpt.load_denoiser(generator_file(path), device=device, trust_pickle=trust_pickle)
     return model, ckpt.decode_D(meta["D"]), float(meta["sigma_init"]), meta
 
 
 def final_evaluation(out, *, seeds=5, device="auto", precision="auto", num=None, log=print, grid=None,
-                     skip_bad_images=False):
-    """Score ``out``/generator.safetensors at 1 NFE over seeds 0..seeds-1 against the test
+                     skip_bad_images=False, trust_pickle=False):
+    """Score the generator ``out`` keeps at 1 NFE over seeds 0..seeds-1 against the test
     split; writes ``out``/eval.json and returns it."""
     from ipfm_fast.data import load_dataset
 
     device = common.resolve_device(device)
     precision = common.resolve_precision(precision, device)
-    model, D, sigma_init, meta = load_generator(out, device)
+    model, D, sigma_init, meta = load_generator(out, device, trust_pickle=trust_pickle)
     with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     data = load_dataset(meta.get("data") or cfg.get("data") or "digits", test_fraction=cfg.get("test_fraction", 0.1),
@@ -169,7 +178,7 @@ def final_evaluation(out, *, seeds=5, device="auto", precision="auto", num=None,
     with common.num_threads(1 if device.type == "cpu" else None):
         res = evaluate_generator(model, data, D, sigma_init, cache, num=num, seeds=list(range(seeds)), device=device,
                                  precision=precision, log=log, grid=grid, backend=cfg.get("backend", "auto"))
-    res["generator"] = os.path.abspath(os.path.join(out, "generator.safetensors"))
+    res["generator"] = os.path.abspath(generator_file(out))
     res["generator_step"] = meta.get("steps")
     common.write_json(os.path.join(out, "eval.json"), res)
     return res
