@@ -1,5 +1,6 @@
 # make demo   - the main job: digits teacher (D = 128) -> IPFM one-step generator -> runs/demo/
 # make test   - create/reuse .venv, install the pinned deps, build ipfm_fast._C, run pytest
+# make test-slow - the `slow` tests: deep property runs, sizes past 2^31, long-run memory
 # make bench  - microbenchmarks of every op and backend -> benchmarks/results/<device>/
 # make study  - finite D vs D = inf under equal budgets -> runs/study/
 # make bench-e2e - images/s of a full distillation iteration vs a reference-style loop
@@ -13,7 +14,7 @@ FIND_LINKS := $(foreach d,/opt/wheels /opt/pypi/files,$(if $(wildcard $(d)),--fi
 PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS)
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: test bench bench-e2e install clean demo study
+.PHONY: test test-slow bench bench-e2e install clean demo study
 
 $(VENV)/.stamp-deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +29,15 @@ $(VENV)/.stamp-build: $(VENV)/.stamp-deps $(SOURCES)
 
 install: $(VENV)/.stamp-build
 
+# The wheel check is marked slow but has always run here: it stays.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m slow tests/test_build.py
+
+# The `slow` tests (deep property runs, sizes past 2^31, long-run memory; ~7 min, ~13 GiB);
+# -s: they print their figures (docs/reliability.md quotes them)
+test-slow: install
+	$(PY) -m pytest -q -s -m slow tests
 
 bench: install
 	$(PY) -m pytest -q benchmarks

@@ -78,7 +78,7 @@ def _check_resume_flags(args, ckpt_path, resumable):
 
     if not os.path.exists(ckpt_path):
         return  # the run says there is nothing to resume
-    saved = read_meta(ckpt_path).get("config", {})
+    saved = read_meta(ckpt_path, kind="training").get("config", {})
     conflicts = []
     for dest in sorted(args.given - set(resumable)):
         if dest not in saved:

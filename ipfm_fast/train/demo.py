@@ -26,8 +26,8 @@ import time
 import torch
 
 from ipfm_fast import checkpoint as ckpt
-from ipfm_fast._files import replacing
-from ipfm_fast.errors import Interrupted
+from ipfm_fast._files import read_json, replacing
+from ipfm_fast.errors import BadFile, Interrupted
 from ipfm_fast.train import common
 
 GRID_UPSCALE = 4  # 10 x 10 grids of 8x8 images -> 364 x 364 pixels
@@ -68,11 +68,13 @@ def ensure_teacher(folder, *, D=128.0, device="auto", progress=None, log=print, 
     cfg_path = os.path.join(folder, "config.json")
     summary_path = os.path.join(folder, "summary.json")
     if os.path.exists(path) and os.path.exists(cfg_path) and os.path.exists(summary_path):
-        with open(cfg_path) as f:
-            have = json.load(f)
-        with open(summary_path) as f:
-            summary = json.load(f)
-        if all(have.get(k) == v for k, v in want.items()) and summary.get("steps") == cfg.steps:
+        try:
+            have = read_json(cfg_path, what="cached teacher config")
+            summary = read_json(summary_path, what="cached teacher summary")
+        except BadFile as err:
+            raise BadFile(f"{err}; delete {folder} to retrain the demo teacher") from err
+        if (all(have.get(k) == v for k, v in want.items()) and summary.get("steps") == cfg.steps
+                and isinstance(summary.get("train_seconds"), (int, float))):
             log(f"teacher: reusing {path} (trained {summary['train_seconds']:.0f} s; delete the folder to retrain)")
             return path, True, summary["train_seconds"]
         log(f"teacher: {folder} holds a different recipe; retraining")

@@ -666,7 +666,7 @@ class DistillRun:
             check_writable(cfg.out, folder=True, what="--out")
         common.check_run_folder(cfg.out, self.ckpt_path, resume=resume, overwrite=overwrite, main=self.main)
         if resume:
-            saved = DistillConfig.from_json(ckpt.read_meta(self.ckpt_path)["config"])
+            saved = DistillConfig.from_json(ckpt.read_meta(self.ckpt_path, kind="training")["config"])
             for keep in RESUMABLE:
                 setattr(saved, keep, getattr(cfg, keep))
             cfg = saved.validate()

@@ -13,6 +13,7 @@ import torch
 
 import ipfm_fast as ipf
 from ipfm_fast import checkpoint as ckpt
+from ipfm_fast._files import read_json
 from ipfm_fast.data import save_grid
 from ipfm_fast.train import common
 
@@ -170,8 +171,7 @@ def final_evaluation(out, *, seeds=5, device="auto", precision="auto", num=None,
     device = common.resolve_device(device)
     precision = common.resolve_precision(precision, device)
     model, D, sigma_init, meta = load_generator(out, device, trust_pickle=trust_pickle)
-    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = read_json(os.path.join(out, "config.json"), what="distill run config")
     data = load_dataset(meta.get("data") or cfg.get("data") or "digits", test_fraction=cfg.get("test_fraction", 0.1),
                         skip_bad_images=skip_bad_images, log=log)
     cache = cfg["teacher"] if os.path.isdir(cfg.get("teacher", "")) else out
