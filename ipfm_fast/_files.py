@@ -17,6 +17,15 @@ from ipfm_fast.errors import BadFile, CannotWrite, MissingFile
 MIN_FREE_BYTES = 64 * 2**20
 
 
+def _default_file_mode():
+    """The mode a plain open() gives a new file under the process's umask (0o644 under the
+    usual 022). safetensors writes 0o600, which would hide a run's models and checkpoints
+    from everyone else sharing its folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _cannot_write(path, err):
     reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
@@ -37,6 +46,8 @@ def replacing(path, suffix=""):
         os.makedirs(folder, exist_ok=True)
         _remove_stale_temporaries(path)
         yield tmp
+        if os.path.isfile(tmp):
+            os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
         _fsync_folder(folder)
     except CannotWrite:

@@ -35,6 +35,16 @@ def test_denoiser_roundtrip(tmp_path):
     assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == []
 
 
+def test_model_files_get_the_umask_mode_not_safetensors_0600(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = ckpt.save_denoiser(tmp_path / "teacher.safetensors", _model(), model_config("mlp", [1, 4, 4], width=16,
+                                                                                           depth=1))
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o640  # 0o666 & ~0o027: readable by the group sharing the run folder
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     cfg = model_config("mlp", [1, 4, 4], width=16, depth=1)
     path = tmp_path / "teacher.safetensors"
