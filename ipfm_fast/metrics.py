@@ -246,6 +246,8 @@ def load_or_train_classifier(dataset, cache_dir=None, *, device="cpu", log=None)
     data (fingerprint) and recipe version, else trained and cached there."""
     from safetensors.torch import load_file, save_file
 
+    from ipfm_fast.checkpoint import _sha256_tensors
+
     device = torch.device(device)
     path = None
     if cache_dir:
@@ -256,8 +258,12 @@ def load_or_train_classifier(dataset, cache_dir=None, *, device="cpu", log=None)
 
                 with safe_open(path, framework="pt") as f:
                     meta = f.metadata() or {}
+                state = load_file(path)
+                # caches written before the digest have none; any other mismatch is a damaged file
+                if meta.get("sha256_tensors") not in (None, _sha256_tensors(state)):
+                    raise ValueError("its weights do not match the digest it was saved with")
                 net = FeatureNet(dataset.shape, dataset.num_classes)
-                net.load_state_dict(load_file(path))
+                net.load_state_dict(state)
                 info = {"features": meta.get("features", "classifier"),
                         "test_accuracy": float(meta["test_accuracy"]) if meta.get("test_accuracy") not in (None, "None") else None,
                         "cached": path}
@@ -268,9 +274,10 @@ def load_or_train_classifier(dataset, cache_dir=None, *, device="cpu", log=None)
     net, info = train_classifier(dataset, device=device, log=log)
     if path:
         try:
+            state = {k: v.contiguous().cpu() for k, v in net.state_dict().items()}
             with replacing(path) as tmp:
-                save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, tmp,
-                          metadata={"features": info["features"], "test_accuracy": str(info["test_accuracy"])})
+                save_file(state, tmp, metadata={"features": info["features"], "test_accuracy": str(info["test_accuracy"]),
+                                                "sha256_tensors": _sha256_tensors(state)})
             info["cached"] = path
         except CannotWrite as err:  # e.g. a read-only model folder: score anyway, retrain next time
             if log:

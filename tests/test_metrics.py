@@ -116,3 +116,16 @@ def test_evaluator_baseline_and_cache(tmp_path):
     assert ev.score(data.test.floats())["nn_ratio"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="shape"):
         ev.score(torch.zeros(10, 1, 4, 4))
+
+
+def test_a_damaged_classifier_cache_is_retrained_not_used(tmp_path):
+    data = load_dataset("digits")
+    ev = Evaluator(data, tmp_path)
+    (cached,) = tmp_path.glob("fd_classifier-*.safetensors")
+    raw = bytearray(cached.read_bytes())
+    raw[-3] ^= 0x40  # one flipped bit in the last weight: still a valid safetensors file
+    cached.write_bytes(bytes(raw))
+    said = []
+    ev2 = Evaluator(data, tmp_path, log=said.append)
+    assert any("unreadable" in m and "digest" in m for m in said), said
+    assert ev2.baseline == ev.baseline  # retrained (deterministically), not scored with the damaged weights
