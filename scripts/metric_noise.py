@@ -12,13 +12,13 @@ pixel space (the score since).
 """
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import numpy as np
 import torch
+from _results import write_results
 from tqdm.auto import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,12 +83,7 @@ def main(argv=None):
     res = {"run": args.run, "seeds": args.seeds, "samples": args.num, "fd_samples": n, "n_test": len(data.test), "rows": rows,
            "seconds": time.perf_counter() - t0,
            "command": "python scripts/metric_noise.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(res, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(res) + "\n")
-    print(markdown(res))
+    write_results(args.out, res, markdown(res))
 
 
 def markdown(res):

@@ -19,6 +19,8 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from _results import write_results
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -96,7 +98,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     from ipfm_fast.train.demo import ensure_teacher
 
-    t0 = time.perf_counter()
     os.makedirs(args.out_dir, exist_ok=True)
     teachers = {}
     for D in DS:
@@ -113,15 +114,9 @@ def main(argv=None):
                   f"paired diff vs teacher {r['paired_diff']:+.4f} ({len(results)}/{len(jobs)})", flush=True)
     res = {"steps": args.steps, "batch": results[0]["batch"], "seeds": args.seeds, "runs": results,
            "teachers": {("inf" if math.isinf(D) else f"{D:g}"): t[1] for D, t in teachers.items()},
-           "seconds": time.perf_counter() - t0,
            "command": "python scripts/recipe_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     res["table"] = table(res)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(res, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(res) + "\n")
-    print(markdown(res))
+    write_results(args.out, res, markdown(res))
 
 
 def table(res):

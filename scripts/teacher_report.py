@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from _results import write_results
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -98,12 +100,7 @@ def main():
     res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}",
            "seeds": args.seeds, "runs": runs}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(res, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(res))
-    print(markdown(res))
+    write_results(args.out, res, markdown(res))
     print(f"-> {args.out}.json, {args.out}.md")
 
 
