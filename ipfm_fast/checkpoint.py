@@ -18,16 +18,18 @@ loaded only with ``trust_pickle=True`` (CLI ``--trust-pickle``): unpickling runs
 arbitrary code from the file, so only do it for files you trust.
 """
 
+import hashlib
 import json
 import math
 import os
 import pickle
+import time
 from dataclasses import dataclass
 
 import torch
 
 from ipfm_fast._files import replacing
-from ipfm_fast.errors import BadFile, InvalidInput, MissingFile
+from ipfm_fast.errors import BadFile, CannotWrite, InvalidInput, MissingFile
 from ipfm_fast.models import build_denoiser
 
 META_KEY = "ipfm_fast"
@@ -40,13 +42,53 @@ class PickleRefused(InvalidInput):
 
 
 def _atomic_save(tensors, meta, path):
+    """Write ``tensors`` + ``meta`` to ``path`` through a temporary file that is fsync'ed,
+    re-opened and verified against the SHA-256 digests computed from the tensors in memory,
+    and only then renamed over ``path``: a crash, a short write or a file that does not read
+    back leaves the previous file in place (the last raises CannotWrite)."""
     from safetensors.torch import save_file
 
+    meta_json = json.dumps(meta, default=_json_default)
+    digests = {META_DIGEST: _sha256_meta(meta_json), TENSORS_DIGEST: _sha256_tensors(tensors)}
     with replacing(path) as tmp:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, default=_json_default)})
+        save_file(tensors, tmp, metadata={META_KEY: meta_json, **digests})
+        _test_pause()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        try:
+            _read(tmp, tensors=True, finite=False, keep=False)
+        except BadFile as err:
+            raise CannotWrite(f"cannot write {path}: the file written does not read back intact ({err}); the "
+                              f"previous file, if any, is kept") from err
     return path
+
+
+# Digests recorded in every file this module writes (hex SHA-256): of the ipfm_fast metadata
+# JSON, and of every tensor (name, dtype, shape and bytes, in name order). Files written before
+# they existed carry none; they are read as before (safetensors still checks header and size).
+META_DIGEST, TENSORS_DIGEST = "ipfm_fast_sha256_meta", "ipfm_fast_sha256_tensors"
+# Seconds to sleep inside every write, after the temporary file is written and before it is
+# verified and renamed: lets tests/test_crash.py kill a run during a checkpoint write. Tests only.
+TEST_PAUSE_ENV = "IPFM_FAST_TEST_PAUSE_IN_WRITE"
+
+
+def _test_pause():
+    pause = os.environ.get(TEST_PAUSE_ENV)
+    if pause:
+        time.sleep(float(pause))
+
+
+def _sha256_meta(meta_json):
+    return hashlib.sha256(meta_json.encode("utf-8")).hexdigest()
+
+
+def _sha256_tensors(tensors):
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode("utf-8"))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 def _json_default(v):
@@ -72,37 +114,76 @@ def _unflat(prefix, tensors, device=None):
     return {k[len(p):]: (v if device is None else v.to(device)) for k, v in tensors.items() if k.startswith(p)}
 
 
-def read_meta(path):
-    """The metadata dict of an ipfm_fast safetensors file, without reading its tensors."""
+def _read(path, *, tensors, finite, kind=None, keep=True):
+    """(tensors or None, metadata dict) of an ipfm_fast safetensors file, every check
+    applied: it exists; safetensors parses its header and finds the size it describes (a
+    truncated file fails here); the metadata is ipfm_fast's JSON object; the digests it
+    records match (the metadata's always, the tensors' when they are read); with
+    ``finite``, no floating-point tensor holds NaN/Inf; with ``kind``, meta["kind"] is it.
+    ``keep=False`` verifies the tensors without keeping them (a write's check)."""
     from safetensors import safe_open
 
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise MissingFile(f"checkpoint: {path!r} does not exist")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
-        raise BadFile(f"checkpoint: cannot read {path!r} as safetensors ({type(err).__name__}: {err})") from err
-    if META_KEY not in meta:
+            header = f.metadata() or {}
+            if tensors:
+                digest = hashlib.sha256() if TENSORS_DIGEST in header else None
+                loaded = {}
+                for name in sorted(f.keys()):
+                    t = f.get_tensor(name)
+                    if keep:
+                        loaded[name] = t
+                    if digest is not None:
+                        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode("utf-8"))
+                        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types for truncated or foreign files
+        raise BadFile(f"checkpoint: cannot read {path!r} as safetensors ({type(err).__name__}: {err}); the file is "
+                      f"truncated, damaged or not a safetensors file") from err
+    if META_KEY not in header:
         raise BadFile(f"checkpoint: {path!r} has no ipfm_fast metadata (not written by ipfm_fast)")
-    return json.loads(meta[META_KEY])
-
-
-def read(path):
-    """(tensors on CPU, metadata dict) of an ipfm_fast safetensors file."""
-    from safetensors import safe_open
-
-    if not os.path.exists(path):
-        raise MissingFile(f"checkpoint: {path!r} does not exist")
+    meta_json = header[META_KEY]
+    if META_DIGEST in header and _sha256_meta(meta_json) != header[META_DIGEST]:
+        raise BadFile(f"checkpoint: {path!r} is corrupted: its metadata does not match the SHA-256 recorded when it "
+                      f"was written")
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
-        raise BadFile(f"checkpoint: cannot read {path!r} as safetensors ({type(err).__name__}: {err})") from err
-    if META_KEY not in meta:
-        raise BadFile(f"checkpoint: {path!r} has no ipfm_fast metadata (not written by ipfm_fast)")
-    return tensors, json.loads(meta[META_KEY])
+        meta = json.loads(meta_json)
+    except ValueError as err:
+        raise BadFile(f"checkpoint: {path!r} is corrupted: its ipfm_fast metadata is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise BadFile(f"checkpoint: {path!r} is corrupted: its ipfm_fast metadata is a {type(meta).__name__}, not an "
+                      f"object")
+    if kind is not None and meta.get("kind") != kind:
+        raise BadFile(f"checkpoint: {path!r} is not a {kind} file (its kind is {meta.get('kind')!r})")
+    if not tensors:
+        return None, meta
+    if digest is not None and digest.hexdigest() != header[TENSORS_DIGEST]:
+        raise BadFile(f"checkpoint: {path!r} is corrupted: its tensors do not match the SHA-256 recorded when it was "
+                      f"written (damaged on disk or in a copy); it cannot be used")
+    if finite:
+        for name, t in loaded.items():
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                raise BadFile(f"checkpoint: {path!r} holds NaN/Inf in {name!r}: it was saved from a run that had "
+                              f"diverged; use an earlier checkpoint")
+    return loaded, meta
+
+
+def read_meta(path, *, kind=None):
+    """The metadata dict of an ipfm_fast safetensors file, without reading its tensors
+    (checked: header, size, the metadata's digest; ``kind``: what meta["kind"] must be).
+    Raises MissingFile or BadFile naming the file and the problem."""
+    return _read(path, tensors=False, finite=False, kind=kind)[1]
+
+
+def read(path, *, finite=True, kind=None):
+    """(tensors on CPU, metadata dict) of an ipfm_fast safetensors file, verified: header and
+    size, the digests recorded when it was written (files written before digests existed
+    are read without), and with ``finite`` no NaN/Inf in a floating-point tensor. Raises
+    MissingFile or BadFile (one line naming the file and the problem): a torn or damaged
+    file is never half-read."""
+    return _read(path, tensors=True, finite=finite, kind=kind)
 
 
 # --------------------------------------------------------------------------------------
@@ -272,7 +353,10 @@ def save_state(path, *, modules, optimizers, rngs, step, config, model_cfg=None,
 
 
 def load_state(path, *, modules, optimizers, rngs, device):
-    """Restore what :func:`save_state` wrote, in place; returns the metadata (``["step"]``)."""
+    """Restore what :func:`save_state` wrote, in place; returns the metadata (``["step"]``).
+    The file is verified first (:func:`read`: a torn, damaged or diverged checkpoint is
+    refused before anything is restored); state that does not fit the modules, optimizers
+    or generators given is a BadFile naming the part, not a traceback."""
     tensors, meta = read(path)
     if meta.get("kind") != "training":
         raise BadFile(f"--resume: {path!r} is not a training checkpoint (kind {meta.get('kind')!r})")
@@ -280,17 +364,39 @@ def load_state(path, *, modules, optimizers, rngs, device):
         state = _unflat(name, tensors, device)
         if not state:
             raise BadFile(f"--resume: {path!r} has no weights for {name!r} (it holds {meta.get('modules')})")
-        module.load_state_dict(state)
+        with _restoring(path, f"the weights of {name!r}"):
+            module.load_state_dict(state)
+    optimizer_meta = meta.get("optimizers") if isinstance(meta.get("optimizers"), dict) else {}
     for name, opt in optimizers.items():
-        if name not in meta.get("optimizers", {}):
+        if name not in optimizer_meta:
             raise BadFile(f"--resume: {path!r} has no optimizer state {name!r}")
-        load_optimizer(opt, _unflat(name, tensors), meta["optimizers"][name], device, prefix="optim/")
+        with _restoring(path, f"the optimizer state {name!r}"):
+            load_optimizer(opt, _unflat(name, tensors), optimizer_meta[name], device, prefix="optim/")
     for name, rng in rngs.items():
         key = f"rng/{name}"
         if key not in tensors:
             raise BadFile(f"--resume: {path!r} lacks the random state {name!r}")
-        rng.set_state(tensors[key])
+        with _restoring(path, f"the random state {name!r}"):
+            rng.set_state(tensors[key])
     return meta
+
+
+class _restoring:
+    """Turns the errors torch raises for state of the wrong shape or layout into a BadFile
+    naming the file and the part (its first line: torch's messages list every key)."""
+
+    def __init__(self, path, what):
+        self.path, self.what = path, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if kind is not None and issubclass(kind, (RuntimeError, KeyError, ValueError, TypeError)) \
+                and not isinstance(err, BadFile):
+            first = str(err).strip().splitlines()[0] if str(err).strip() else kind.__name__
+            raise BadFile(f"--resume: {self.path!r}: {self.what} do not fit this run ({first})") from err
+        return False
 
 
 # --------------------------------------------------------------------------------------

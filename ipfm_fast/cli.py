@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+import torch
+
 from ipfm_fast.errors import Interrupted, InvalidInput, IpfmError, MissingFile
 from ipfm_fast.train.knobs import (INT_LIST, add_options, add_runtime_options, from_args, nonneg_int, parse_D,
                                    positive_int)
@@ -78,7 +80,7 @@ def _check_resume_flags(args, ckpt_path, resumable):
 
     if not os.path.exists(ckpt_path):
         return  # the run says there is nothing to resume
-    saved = read_meta(ckpt_path).get("config", {})
+    saved = read_meta(ckpt_path, kind="training").get("config", {})
     conflicts = []
     for dest in sorted(args.given - set(resumable)):
         if dest not in saved:
@@ -159,21 +161,27 @@ def _add_model_source(p, source=None):
                    help="one sample's shape C H W: only for files that do not record it (pickles)")
 
 
-def _load_model(args, device):
-    """The model file (:class:`ipfm_fast.checkpoint.ModelFile`) with its D and shape: taken
-    from the file; --D / --shape only fill in what a foreign pickle does not record, and
-    are refused when they contradict the file."""
+def _load_model(args, device, path=None, role=None):
+    """The model file (:class:`ipfm_fast.checkpoint.ModelFile`) at ``path`` (default
+    --teacher) with its D and shape: taken from the file; --D / --shape only fill in what a
+    foreign pickle does not record, and are refused when they contradict the file.
+    ``role``: refuse a file that is not one ("generator" for `generate`)."""
     from ipfm_fast.checkpoint import load_model
     from ipfm_fast.models import count_params
 
-    mf = load_model(args.teacher, device=device, which=args.weights, trust_pickle=args.trust_pickle)
+    path = path or args.teacher
+    mf = load_model(path, device=device, which=args.weights, trust_pickle=args.trust_pickle)
+    if role is not None and mf.role != role:
+        raise InvalidInput(f"{mf.path} is a {mf.role}, not a {role}: "
+                           + ("sample or evaluate a teacher with `sample --teacher` / `evaluate --teacher`"
+                              if role == "generator" else "give a teacher"))
     if args.D is not None:
         if mf.D is not None and args.D != mf.D:
             raise InvalidInput(f"--D {args.D:g} contradicts {mf.path}, which was trained at D = {mf.D:g} (its prior "
                                f"and its field depend on D); drop --D")
         mf.D = args.D
     if mf.D is None:
-        raise InvalidInput(f"--D is needed: {args.teacher!r} does not record its augmentation dimension")
+        raise InvalidInput(f"--D is needed: {path!r} does not record its augmentation dimension")
     if args.shape is not None:
         if mf.shape is not None and list(args.shape) != mf.shape:
             raise InvalidInput(f"--shape {' '.join(map(str, args.shape))} contradicts {mf.path}, whose samples are "
@@ -274,22 +282,107 @@ def cmd_sample(args):
 
 
 # --------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------
+
+
+def add_generate(sub):
+    p = sub.add_parser(
+        "generate", help="images from a one-step generator (1 NFE): PNG grid, .npz and/or a folder of PNGs",
+        description="Evaluate a distilled one-step generator (generator.safetensors or a distill run folder) "
+                    "once at its recorded sigma_init on prior draws, in batches; deterministic for a seed "
+                    "whatever --batch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--generator", required=True, help="generator.safetensors, a distill run folder or checkpoint")
+    p.add_argument("--weights", default="ema", help="which weights of a training checkpoint: ema or model")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+    p.add_argument("--num", type=positive_int, default=100, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prior draws (same seed, same images)")
+    p.add_argument("--batch", type=positive_int, default=2000, help="images per network batch")
+    p.add_argument("--png", default=None, help="write a grid of (up to 400) images here")
+    p.add_argument("--npz", default=None, help="write all images here (uint8 x [N, H, W, C], as `sample --npz`)")
+    p.add_argument("--folder", default=None, help="write each image as a PNG into this folder (000000.png, ...)")
+    p.set_defaults(D=None, shape=None)
+    _add_runtime(p)
+
+
+def _save_pngs(x, folder, start=0):
+    """Images in [-1, 1] ([B, C, H, W]) as folder/<index>.png, numbered from ``start``."""
+    from PIL import Image
+
+    from ipfm_fast._files import replacing
+    from ipfm_fast.data import to_uint8
+
+    for i, img in enumerate(to_uint8(x)):
+        path = os.path.join(folder, f"{start + i:06d}.png")
+        with replacing(path, ".png") as tmp:
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp)
+
+
+def cmd_generate(args):
+    from ipfm_fast._files import check_writable
+    from ipfm_fast.data import save_grid
+    from ipfm_fast.sampling import save_npz
+    from ipfm_fast.train import common
+    from ipfm_fast.train.evaluation import iter_generate
+
+    if not (args.png or args.npz or args.folder):
+        raise InvalidInput("nothing to write: give --png PATH, --npz PATH and/or --folder DIR")
+    for path, name in ((args.png, "--png"), (args.npz, "--npz")):
+        if path:
+            check_writable(path, what=name)
+    if args.folder:
+        check_writable(args.folder, folder=True, what="--folder")
+    device = common.resolve_device(args.device)
+    precision = common.resolve_precision(args.precision, device)
+    mf = _load_model(args, device, path=args.generator, role="generator")
+    bar = common.progress(args.num, desc="generate (1 NFE)", enabled=args.progress)
+    t0, kept, written = time.perf_counter(), [], 0
+    for x in iter_generate(mf.model, args.num, mf.shape, mf.D, mf.sigma_init, seed=args.seed, device=device,
+                           batch=args.batch, autocast=lambda: common.autocast(device, precision)):
+        x = x.cpu()
+        if args.folder:
+            _save_pngs(x, args.folder, start=written)
+        if args.png or args.npz:
+            kept.append(x if args.npz else x[:max(0, 400 - written)])
+        written += len(x)
+        bar.update(len(x))
+    bar.close()
+    dt = time.perf_counter() - t0
+    _log(f"{written} images at 1 NFE from sigma_init = {mf.sigma_init:g} in {dt:.1f} s ({written / max(dt, 1e-9):.0f} "
+         f"images/s)")
+    x = torch.cat(kept) if kept else None
+    if args.png:
+        _log(f"grid -> {save_grid(x[:400], args.png)}")
+    if args.npz:
+        saved = save_npz(args.npz, x, seed=args.seed, nfe=1, D=mf.D, role="generator", model=mf.path, data=mf.data)
+        _log(f"images -> {saved}")
+    if args.folder:
+        _log(f"{written} PNGs -> {args.folder}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------------------
 
 
 def add_evaluate(sub):
     p = sub.add_parser(
-        "evaluate", help="Frechet distance and sliced Wasserstein of a model's samples (or an .npz) vs the test split",
-        description="Score a teacher (sampled with the Heun ODE, one sample set per seed), a one-step generator "
-                    "(1 NFE from its sigma_init) or an .npz of samples against the data set's held-out split: "
-                    "Frechet distance in the feature space of a small classifier trained deterministically on the "
-                    "training split (cached in --cache-dir; a data set without class labels only has random-network "
-                    "features, which every score then says), and pixel-space sliced Wasserstein-2. Always prints "
-                    "the train-vs-test data baseline.",
+        "evaluate", help="score a model's samples (or an .npz) against the test split; --fid: FID/KID as the papers",
+        description="Score a teacher (sampled with the Heun ODE), a one-step generator (1 NFE from its sigma_init) "
+                    "or an .npz of samples against the data set's held-out test split, one sample set per seed: the "
+                    "score (KID x 1e3, unbiased, in pixel space for images of at most 1024 values, else in standardized "
+                    "classifier features) and the FD in that space, the FD in the features of a small classifier "
+                    "trained on the "
+                    "training split (cached in --cache-dir; a data set without labels only has random-network "
+                    "features, which every score then says) and pixel-space sliced Wasserstein-2, always next to the "
+                    "train-vs-test data baseline. --fid instead computes FID and KID in the standard FID Inception "
+                    "features (torch-fidelity) against reference statistics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help=".npz of samples (uint8 x [N, H, W, C], as `sample --npz` writes)")
+    src.add_argument("--generator", help="a one-step generator (generator.safetensors or a distill run folder)")
     _add_model_source(p, source=src)
     p.add_argument("--data", default=None,
                    help="data set to compare with (default: the one the model or the samples record, else digits)")
@@ -298,11 +391,22 @@ def add_evaluate(sub):
                    help="leave out unreadable image files of a --data folder (each is named) instead of stopping")
     p.add_argument("--seeds", type=positive_int, default=5, help="sampling seeds 0..N-1 (mean and spread reported)")
     p.add_argument("--num", type=positive_int, default=None,
-                   help="samples per seed (default: the training split's size, the baseline's sample count)")
+                   help="samples per seed (default: the training split's size, the baseline's sample count; "
+                        "with --fid 50000)")
     p.add_argument("--steps", type=positive_int, default=18, help="teacher's Heun steps (NFE = 2 steps - 1)")
     p.add_argument("--cache-dir", default=None,
                    help="where the FD classifier is cached (default: the model's run folder, or next to --samples)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+    f = p.add_argument_group("FID (the papers' metric, for real data sets)")
+    f.add_argument("--fid", action="store_true",
+                   help="FID and KID in the FID Inception features (torch-fidelity), seed 0's --num samples")
+    f.add_argument("--inception-weights", default=None,
+                   help="the FID Inception weights file pt_inception-2015-12-05-6726825d.pth (default: "
+                        "$IPFM_FAST_INCEPTION_WEIGHTS; never downloaded)")
+    f.add_argument("--fid-ref", default=None,
+                   help="reference statistics .npz (mu, sigma; EDM/PFGM++ format), e.g. cifar10-32x32.npz "
+                        "(default: computed from --data's training split)")
+    f.add_argument("--save-ref", default=None, help="write the reference statistics computed from --data here")
     _add_runtime(p)
 
 
@@ -319,53 +423,22 @@ def _check_data_matches(data, shape, what, recorded=None):
 
 def cmd_evaluate(args):
     from ipfm_fast._files import check_writable
-    from ipfm_fast.data import load_dataset, load_images
-    from ipfm_fast.metrics import Evaluator, summarize
-    from ipfm_fast.models import count_params
-    from ipfm_fast.sampling import read_npz_meta
     from ipfm_fast.train import common
-    from ipfm_fast.train.evaluation import evaluate_denoiser, evaluate_generator
 
-    if args.json_out:
-        check_writable(args.json_out, what="--json")
+    for path, name in ((args.json_out, "--json"), (args.save_ref, "--save-ref")):
+        if path:
+            check_writable(path, what=name)
+    if (args.fid_ref or args.save_ref or args.inception_weights) and not args.fid:
+        raise InvalidInput("--fid-ref, --save-ref and --inception-weights go with --fid")
+    if args.fid_ref and args.save_ref:
+        raise InvalidInput("--save-ref writes the statistics computed from --data; with --fid-ref none are computed")
     device = common.resolve_device(args.device)
     precision = common.resolve_precision(args.precision, device)
     load = dict(test_fraction=args.test_fraction, skip_bad_images=args.skip_bad_images, log=_log)
     if args.samples:
-        if not os.path.exists(args.samples):
-            raise MissingFile(f"--samples: {args.samples!r} does not exist")
-        x = load_images(args.samples)  # before the data and its classifier: a wrong shape fails at once
-        made = read_npz_meta(args.samples) if os.path.isfile(args.samples) else {}
-        data = load_dataset(args.data or made.get("data") or "digits", **load)
-        _check_data_matches(data, x.shape[1:], f"--samples {args.samples}")
-        cache = args.cache_dir or os.path.dirname(os.path.abspath(args.samples))
-        with common.num_threads(1 if device.type == "cpu" else None):
-            ev = Evaluator(data, cache, device=device, log=_log)
-            res = ev.score(x)
-        res = {"fd": summarize([res["fd"]]), "sw": summarize([res["sw"]]), **{k: v for k, v in res.items()
-                                                                              if k not in ("fd", "sw")}}
-        _log(f"FD: {res['fd']['mean']:.3f} (data baseline {res['baseline_fd']:.3f}, ratio "
-             f"{res['fd']['mean'] / res['baseline_fd']:.2f}x) in {ev.feature_space()} | SW: {res['sw']['mean']:.4f} "
-             f"(baseline {res['baseline_sw']:.4f}) | {res['n']} samples vs {res['n_test']} test images")
-        ev.warn_sample_count(res["n"], _log)
+        res, data = _evaluate_samples(args, device, load)
     else:
-        mf = _load_model(args, device)
-        _refuse_sampler_flags(args, mf, flags=("steps",))
-        data = load_dataset(args.data or mf.data or "digits", **load)
-        _check_data_matches(data, mf.shape, mf.path, mf.data_id)
-        cache = args.cache_dir or (args.teacher if os.path.isdir(args.teacher)
-                                   else os.path.dirname(os.path.abspath(args.teacher)))
-        num = args.num or len(data.train)
-        seeds = list(range(args.seeds))
-        with common.num_threads(common.resolve_threads(args.threads, device, count_params(mf.model))):
-            if mf.role == "generator":
-                res = evaluate_generator(mf.model, data, mf.D, mf.sigma_init, cache, num=num, seeds=seeds,
-                                         device=device, precision=precision, log=_log)
-            else:
-                res = evaluate_denoiser(mf.model, data, mf.D, cache, num=num, steps=args.steps, seeds=seeds,
-                                        device=device, precision=precision, log=_log)
-        res.update(model=mf.path, role=mf.role, teacher=os.path.abspath(args.teacher),
-                   D="inf" if math.isinf(mf.D) else mf.D)
+        res, data = _evaluate_model(args, device, precision, load)
     res["data"] = data.describe()
     if args.json_out:
         from ipfm_fast.train.common import write_json
@@ -373,6 +446,84 @@ def cmd_evaluate(args):
         write_json(args.json_out, res)
         _log(f"results -> {args.json_out}")
     return 0
+
+
+def _evaluate_samples(args, device, load):
+    from ipfm_fast.data import load_dataset, load_images
+    from ipfm_fast.metrics import Evaluator, summarize
+    from ipfm_fast.sampling import read_npz_meta
+    from ipfm_fast.train import common
+
+    if not os.path.exists(args.samples):
+        raise MissingFile(f"--samples: {args.samples!r} does not exist")
+    x = load_images(args.samples)  # before the data and its classifier: a wrong shape fails at once
+    made = read_npz_meta(args.samples) if os.path.isfile(args.samples) else {}
+    data = load_dataset(args.data or made.get("data") or "digits", **load)
+    _check_data_matches(data, x.shape[1:], f"--samples {args.samples}")
+    if args.fid:
+        return _fid(args, x, data, device), data
+    cache = args.cache_dir or os.path.dirname(os.path.abspath(args.samples))
+    with common.num_threads(1 if device.type == "cpu" else None):
+        ev = Evaluator(data, cache, device=device, log=_log)
+        res = ev.score(x)
+    res.update({k: summarize([res[k]]) for k in ("score", "space_fd", "fd", "sw")})
+    _log(f"{ev.score_name}: {res['score']['mean']:.3f} (data baseline {res['baseline_score']:.3f}) | "
+         f"{ev.space_fd_name}: {res['space_fd']['mean']:.4f} (baseline {res['baseline_space_fd']:.4f}) | FD in "
+         f"{ev.feature_space()}: {res['fd']['mean']:.3f} (baseline {res['baseline_fd']:.3f}) | SW: "
+         f"{res['sw']['mean']:.4f} (baseline {res['baseline_sw']:.4f}) | {res['n']} samples vs {res['n_test']} "
+         f"test images")
+    ev.warn_sample_count(res["n"], _log)
+    return res, data
+
+
+def _evaluate_model(args, device, precision, load):
+    from ipfm_fast.data import load_dataset
+    from ipfm_fast.models import count_params
+    from ipfm_fast.train import common
+    from ipfm_fast.train.evaluation import evaluate_denoiser, evaluate_generator
+
+    path = args.generator or args.teacher
+    mf = _load_model(args, device, path=path, role="generator" if args.generator else None)
+    _refuse_sampler_flags(args, mf, flags=("steps",))
+    data = load_dataset(args.data or mf.data or "digits", **load)
+    _check_data_matches(data, mf.shape, mf.path, mf.data_id)
+    with common.num_threads(common.resolve_threads(args.threads, device, count_params(mf.model))):
+        if args.fid:
+            x, _ = _generate_or_sample(mf, args.num or 50_000, seed=0, device=device, precision=precision,
+                                       batch=1000, steps=args.steps)
+            res = _fid(args, x, data, device)
+        else:
+            cache = args.cache_dir or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+            kw = dict(num=args.num or len(data.train), seeds=list(range(args.seeds)), device=device,
+                      precision=precision, log=_log)
+            res = (evaluate_generator(mf.model, data, mf.D, mf.sigma_init, cache, **kw) if mf.role == "generator"
+                   else evaluate_denoiser(mf.model, data, mf.D, cache, steps=args.steps, **kw))
+    res.update(model=mf.path, role=mf.role, D="inf" if math.isinf(mf.D) else mf.D)
+    return res, data
+
+
+def _fid(args, x, data, device):
+    """FID (and KID where the reference features exist) of samples x in the FID Inception features."""
+    from ipfm_fast import fid
+    from ipfm_fast.train import common
+
+    net = fid.inception(args.inception_weights, device=device)  # fails fast on a missing package or file
+    bar = common.progress(len(x), desc="Inception features", enabled=args.progress)
+    feats = fid.features(net, x, device=device, progress=bar)
+    res = {"fid_samples": len(x), "fid_reference": args.fid_ref or f"{data.name} training split"}
+    if args.fid_ref:
+        ref_stats, ref_feats = fid.load_reference(args.fid_ref), None
+    else:
+        ref_feats = fid.features(net, data.train.floats(), device=device, progress=bar)
+        ref_stats = fid.statistics(ref_feats)
+        if args.save_ref:
+            _log(f"reference statistics -> {fid.save_reference(args.save_ref, *ref_stats)}")
+    bar.close()
+    res["fid"] = fid.fid(fid.statistics(feats), ref_stats)
+    res["kid"] = fid.kid(feats, ref_feats) if ref_feats is not None else None
+    kid = f"{res['kid']:.5f}" if res["kid"] is not None else "n/a (reference statistics only, no features)"
+    _log(f"FID: {res['fid']:.3f} | KID: {kid} ({len(x)} samples vs {res['fid_reference']}; FID Inception features)")
+    return res
 
 
 # --------------------------------------------------------------------------------------
@@ -425,8 +576,10 @@ def cmd_distill(args):
 
 
 def add_demo(sub):
+    from ipfm_fast.train.demo import DEMO_DISTILL_SECONDS, DEMO_DISTILL_STEPS, DEMO_SAMPLES, DEMO_SEEDS
+
     p = sub.add_parser(
-        "demo", help="the main job: teacher (cached) -> IPFM distillation -> 1-NFE generator, scored (~5 min on CPU)",
+        "demo", help="the main job: teacher (cached) -> IPFM distillation -> 1-NFE generator, scored (~6 min on CPU)",
         description="Train (or reuse the cached) digits teacher at D = 128, score it at 35 NFE, distil it with IPFM "
                     "into a one-step generator, score the generator before and after at 1 NFE over several seeds "
                     "against the test split, and write metrics.json, report.md, sample grids and the training "
@@ -434,10 +587,11 @@ def add_demo(sub):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder (the teacher is cached in OUT/teacher)")
     p.add_argument("--teacher-dir", default=None, help="where the teacher is trained/reused (default: OUT/teacher)")
-    p.add_argument("--seeds", type=positive_int, default=5, help="sampling seeds per score")
-    p.add_argument("--distill-steps", type=positive_int, default=1500,
+    p.add_argument("--seeds", type=positive_int, default=DEMO_SEEDS, help="sampling seeds per score (paired)")
+    p.add_argument("--samples", type=positive_int, default=DEMO_SAMPLES, help="samples per seed and model")
+    p.add_argument("--distill-steps", type=positive_int, default=DEMO_DISTILL_STEPS,
                    help="distillation iterations (fixed, so the numbers are reproducible)")
-    p.add_argument("--distill-seconds", type=float, default=360.0,
+    p.add_argument("--distill-seconds", type=float, default=DEMO_DISTILL_SECONDS,
                    help="safety cap on the distillation time (keeps a heavily loaded machine under 10 minutes)")
     p.add_argument("--publish", default=None,
                    help="also copy metrics.json, report.md and the PNGs to this folder (e.g. docs/demo)")
@@ -451,9 +605,11 @@ def cmd_demo(args):
         raise InvalidInput("demo: --threads is chosen per step (1 thread for the small digits networks)")
     m = run_demo(args.out, seeds=args.seeds, distill_seconds=args.distill_seconds, distill_steps=args.distill_steps,
                  device=args.device, progress=args.progress, log=_log, publish=args.publish,
-                 teacher_dir=args.teacher_dir)
-    print(f"targets (generator FD <= 1.5 x teacher FD and <= 0.5 x initial FD): "
-          f"{'met' if m['targets_met'] else 'NOT met'}")
+                 teacher_dir=args.teacher_dir, num_samples=args.samples)
+    lo, hi = m["paired_diff_ci95"]
+    print(f"generator - teacher ({m['score_name']}, paired over {len(m['seeds'])} seeds): {m['paired_diff_mean']:+.4f}, "
+          f"95% interval [{lo:+.4f}, {hi:+.4f}]; target (upper end <= 0, half-width <= 0.2 x the teacher's excess "
+          f"{m['teacher_excess']:.4f}): {'met' if m['targets_met'] else 'NOT met'}")
     print(f"metrics: {os.path.join(args.out, 'metrics.json')}; report: {os.path.join(args.out, 'report.md')}")
     return 0
 
@@ -462,16 +618,18 @@ def add_study(sub):
     p = sub.add_parser(
         "study", help="finite D vs D = inf (SiD): teachers and distillations under equal budgets (~12 min on CPU)",
         description="For each D: a digits teacher with the default recipe, then distillations with the default "
-                    "recipe for the same number of iterations and several seeds; the EMA generator's 1-NFE FD "
-                    "against the test split every --eval-every iterations, against generator images seen. Writes "
+                    "recipe for the same number of iterations and several seeds; the EMA generator's 1-NFE score "
+                    "(its excess over the data baseline) against the test split every --eval-every iterations, "
+                    "against generator images seen. Writes "
                     "study.json, study.md and study.png into --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/study", help="output folder (teachers and runs inside; study.md/json/png)")
     p.add_argument("--D", dest="Ds", type=parse_D, nargs="+", default=[128.0, math.inf], help="values of D to compare")
-    p.add_argument("--distill-steps", type=positive_int, default=800, help="iterations per distillation")
+    p.add_argument("--distill-steps", type=positive_int, default=3000, help="iterations per distillation")
     p.add_argument("--distill-seeds", type=positive_int, default=3, help="distillations per D (seeds 0..N-1)")
-    p.add_argument("--teacher-seeds", type=positive_int, default=3, help="sampling seeds of the teachers' 35-NFE FD")
-    p.add_argument("--eval-every", type=positive_int, default=40, help="iterations between scores of each run")
+    p.add_argument("--teacher-seeds", type=positive_int, default=3,
+                   help="sampling seeds of the teachers' 35-NFE score (the first is the curves' seed)")
+    p.add_argument("--eval-every", type=positive_int, default=100, help="iterations between scores of each run")
     p.add_argument("--publish", default=None, help="also copy study.json, study.md and study.png to this folder")
     _add_runtime(p)
 
@@ -496,6 +654,7 @@ COMMANDS = [
     ("info", add_info, cmd_info),
     ("train-teacher", add_train_teacher, cmd_train_teacher),
     ("sample", add_sample, cmd_sample),
+    ("generate", add_generate, cmd_generate),
     ("evaluate", add_evaluate, cmd_evaluate),
     ("distill", add_distill, cmd_distill),
     ("demo", add_demo, cmd_demo),

@@ -110,9 +110,31 @@ def _digits():
                    num_classes=10, info={"source": "sklearn.datasets.load_digits"})
 
 
+def _member(data, key, path):
+    """One array of an opened .npz. Members are read (decompressed, CRC-checked) only here,
+    so a damaged member fails here: a DataError naming the file and the key."""
+    try:
+        return data[key]
+    except Exception as err:  # noqa: BLE001 - zipfile/zlib/numpy raise many types for a damaged member
+        raise DataError(f"{path}[{key}]: cannot read this array ({type(err).__name__}: {err}); the file is truncated "
+                        f"or damaged") from err
+
+
+def check_finite_array(arr, where, why=""):
+    """A float array read from a file must hold no NaN/Inf: a DataError naming ``where``, how
+    many values, the first sample (leading index) holding one, and ``why`` that matters."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        first = int(np.argwhere(bad)[0][0]) if arr.ndim else 0
+        raise DataError(f"{where} holds {int(bad.sum())} NaN/Inf value(s) (the first in sample {first})"
+                        + (f": {why}" if why else ""))
+
+
 def _to_nchw(arr, where):
     if arr.dtype != np.uint8:
-        raise DataError(f"{where}: images must be uint8 (0..255), got dtype {arr.dtype}")
+        nonfinite = np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all()
+        raise DataError(f"{where}: images must be uint8 (0..255), got dtype {arr.dtype}"
+                        + (" (which also holds NaN/Inf values)" if nonfinite else ""))
     if arr.ndim == 3:
         return arr[:, None]
     if arr.ndim == 4:
@@ -165,24 +187,24 @@ def _npz(path, test_fraction):
     info = {"source": os.path.abspath(path), "keys": keys}
     name = os.path.basename(path)
     if "x_train" in keys and "x_test" in keys:
-        xtr = _to_nchw(data["x_train"], f"{path}[x_train]")
-        xte = _to_nchw(data["x_test"], f"{path}[x_test]")
+        xtr = _to_nchw(_member(data, "x_train", path), f"{path}[x_train]")
+        xte = _to_nchw(_member(data, "x_test", path), f"{path}[x_test]")
         if xtr.shape[1:] != xte.shape[1:]:
             raise DataError(f"{path}: x_train images are {xtr.shape[1:]} but x_test images are {xte.shape[1:]}")
-        ytr = _labels(data["y_train"], xtr.shape[0], f"{path}[y_train]") if "y_train" in keys else None
-        yte = _labels(data["y_test"], xte.shape[0], f"{path}[y_test]") if "y_test" in keys else None
+        ytr = _labels(_member(data, "y_train", path), xtr.shape[0], f"{path}[y_train]") if "y_train" in keys else None
+        yte = _labels(_member(data, "y_test", path), xte.shape[0], f"{path}[y_test]") if "y_test" in keys else None
         if (ytr is None) != (yte is None):
             ytr = yte = None
         return _from_arrays(name, None, None, test_fraction, info, split=((xtr, ytr), (xte, yte)))
     for key in ("x", "images", "arr_0"):
         if key in keys:
-            images = _to_nchw(data[key], f"{path}[{key}]")
+            images = _to_nchw(_member(data, key, path), f"{path}[{key}]")
             break
     else:
         raise DataError(f"{path}: no image array found; expected x_train + x_test, or one of x, images, arr_0 "
                         f"(found keys {keys})")
     label_key = next((k for k in ("y", "labels") if k in keys), None)
-    labels = _labels(data[label_key], images.shape[0], f"{path}[{label_key}]") if label_key else None
+    labels = _labels(_member(data, label_key, path), images.shape[0], f"{path}[{label_key}]") if label_key else None
     return _from_arrays(name, images, labels, test_fraction, info)
 
 
@@ -251,7 +273,11 @@ def load_dataset(spec="digits", *, test_fraction=0.1, skip_bad_images=False, log
 
 def load_images(path):
     """All images of an .npz (key ``x``, ``images`` or ``arr_0``; uint8, layouts as in
-    :func:`load_dataset`) or of a folder, as float32 [N, C, H, W] in [-1, 1], unsplit."""
+    :func:`load_dataset`) or of a folder, as float32 [N, C, H, W] in [-1, 1], unsplit.
+
+    ``x_float``, the full-precision copy ``sample --npz`` writes next to ``x``, is checked
+    after loading: NaN/Inf there means the model produced non-finite samples, whose uint8
+    ``x`` is arbitrary, so the file is refused (DataError) instead of scored."""
     ds = load_dataset(path, test_fraction=0.5) if os.path.isdir(os.fspath(path)) else None
     if ds is not None:
         return torch.cat([ds.train.floats(), ds.test.floats()])
@@ -260,14 +286,17 @@ def load_images(path):
         raise MissingFile(f"samples: {path!r} does not exist")
     try:
         data = np.load(path, allow_pickle=False)
-        key = next((k for k in ("x", "images", "arr_0") if k in data), None)
-        if key is None:
-            raise DataError(f"{path}: no array x, images or arr_0 (found {list(data.keys())})")
-        arr = data[key]
-    except DataError:
-        raise
+        keys = list(data.keys())
     except Exception as err:  # noqa: BLE001
         raise DataError(f"{path}: cannot read as .npz ({type(err).__name__}: {err})") from err
+    key = next((k for k in ("x", "images", "arr_0") if k in keys), None)
+    if key is None:
+        raise DataError(f"{path}: no array x, images or arr_0 (found {keys})")
+    arr = _member(data, key, path)
+    if "x_float" in keys:
+        check_finite_array(_member(data, "x_float", path), f"{path}[x_float]",
+                           "the model that made these samples produced non-finite values, so their uint8 x is "
+                           "arbitrary; nothing to score")
     return torch.from_numpy(_to_nchw(arr, f"{path}[{key}]")).float() * (2.0 / 255.0) - 1.0
 
 

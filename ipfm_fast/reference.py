@@ -166,7 +166,7 @@ def ipfm_generator_loss(teacher_out, fake_out, x, *, alpha=1.0, weight="adaptive
 
 def fake_loss_weight(sigma, sigma_data=0.5):
     r""":math:`\lambda(\sigma) = (\sigma^2 + \sigma_d^2) / (\sigma \sigma_d)^2` (EDM's loss weight)."""
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    return 1.0 / sigma_data**2 + 1.0 / sigma**2  # the same value; no cancellation in d/dsigma
 
 
 def ipfm_fake_loss(fake_out, x, sigma, *, sigma_data=0.5, reduction="mean"):

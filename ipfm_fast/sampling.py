@@ -19,7 +19,7 @@ import torch
 
 import ipfm_fast as ipf
 from ipfm_fast._files import replacing
-from ipfm_fast.errors import InvalidInput
+from ipfm_fast.errors import BadFile, InvalidInput
 from ipfm_fast.schedules import RHO, SIGMA_MAX, SIGMA_MIN, sampler_sigmas
 
 
@@ -89,6 +89,11 @@ def save_npz(path, x, **meta):
     read back by :func:`read_npz_meta`."""
     from ipfm_fast.data import to_uint8
 
+    bad = int((~torch.isfinite(x.detach().reshape(x.shape[0], -1))).any(1).sum()) if x.numel() else 0
+    if bad:  # a NaN has no uint8 value: the file would hold arbitrary images
+        model = f" {meta['model']}" if meta.get("model") else ""
+        raise BadFile(f"{bad} of {x.shape[0]} samples hold NaN/Inf values (the model{model} produces non-finite "
+                      f"output); {path} not written")
     meta = {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in meta.items() if v is not None}
     with replacing(path, ".npz") as tmp:
         np.savez_compressed(tmp, x=to_uint8(x), x_float=x.detach().float().clamp(-1, 1).cpu().numpy(),
@@ -97,9 +102,23 @@ def save_npz(path, x, **meta):
 
 
 def read_npz_meta(path):
-    """The ``meta`` dict :func:`save_npz` stored ({} for other .npz files)."""
+    """The ``meta`` dict :func:`save_npz` stored ({} for other .npz files, and for files that
+    cannot be opened: the image loader says why). A ``meta`` entry that exists but cannot be
+    read or parsed is a BadFile: the samples would be scored against unknown data."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return json.loads(str(f["meta"])) if "meta" in f else {}
-    except (OSError, ValueError):  # not ours, or unreadable: the image loader says why
+        f = np.load(path, allow_pickle=False)
+    except Exception:  # noqa: BLE001 - not an .npz, or unreadable
         return {}
+    if not hasattr(f, "files"):  # an .npy: one array, no meta
+        return {}
+    with f:
+        if "meta" not in f:
+            return {}
+        try:
+            meta = json.loads(str(f["meta"]))
+        except Exception as err:  # noqa: BLE001 - a damaged member (zlib/zipfile) or damaged JSON
+            raise BadFile(f"{path}[meta]: cannot read what made these samples ({type(err).__name__}: {err}); the "
+                          f"file is damaged") from err
+    if not isinstance(meta, dict):
+        raise BadFile(f"{path}[meta]: expected a JSON object, got {type(meta).__name__}")
+    return meta

@@ -3,6 +3,8 @@ number there is typed by hand:
 
     demo     docs/demo/metrics.json        (ipfm-fast demo --publish docs/demo)
     study    docs/study/study.md            (ipfm-fast study --publish docs/study)
+    noise    docs/results/metric_noise.md   (scripts/metric_noise.py --run runs/demo)
+    recipe   docs/results/recipe.md         (scripts/recipe_sweep.py)
     teacher  docs/results/teacher_digits.md (scripts/teacher_report.py --field --dinf)
     perf     benchmarks/results/*/*.json    (make bench; see benchmarks/summarize.py)
     e2e      benchmarks/results/*/distill_step*.json (make bench-e2e)
@@ -36,25 +38,31 @@ def _tables(markdown):
 
 def demo_block():
     m = json.loads(_read("docs/demo/metrics.json"))
+    lo, hi = m["paired_diff_ci95"]
+    n = len(m["seeds"])
     rows = [
-        "| model | NFE | FD vs test (mean ± std, 5 seeds) | sliced W2 | sampling images/s (CPU) |",
-        "|---|---|---|---|---|",
-        f"| data baseline (train split vs test split) | – | {m['data_baseline_fd']:.2f} | {m['data_baseline_sw']:.4f} | – |",
-        f"| PFGM++ teacher (Heun ODE, D = {m['D']:g}) | {m['teacher_nfe']} | {m['teacher_fd']:.2f} ± {m['teacher_fd_std']:.2f} "
-        f"| {m['teacher_sw']:.4f} | {m['teacher_sampling_images_per_second']:,.0f} |",
-        f"| generator before distillation (teacher at σ_init = 2.5) | 1 | {m['initial_generator_fd']:.2f} ± "
-        f"{m['initial_generator_fd_std']:.2f} | {m['initial_generator_sw']:.4f} | – |",
-        f"| **IPFM-distilled generator** (α = {m['alpha']:g}) | **{m['generator_nfe']}** | **{m['generator_fd']:.2f} ± "
-        f"{m['generator_fd_std']:.2f}** | {m['generator_sw']:.4f} | {m['generator_sampling_images_per_second']:,.0f} |",
+        f"| model | NFE | {m['score_name']} vs test (mean ± std, {n} seeds) | excess over the data | "
+        f"{m['space_fd_name']} | sampling images/s (CPU) |",
+        "|---|---|---|---|---|---|",
+        f"| data baseline (train split vs test split) | – | {m['data_baseline_score']:.3f} | 0 | "
+        f"{m['data_baseline_space_fd']:.4f} | – |",
+        f"| PFGM++ teacher (Heun ODE, D = {m['D']:g}) | {m['teacher_nfe']} | {m['teacher_score']:.3f} ± "
+        f"{m['teacher_score_std']:.3f} | {m['teacher_excess']:+.3f} | {m['teacher_space_fd']:.4f} | "
+        f"{m['teacher_sampling_images_per_second']:,.0f} |",
+        f"| generator before distillation (teacher at σ_init = 2.5) | 1 | {m['initial_generator_score']:.1f} | "
+        f"{m['initial_generator_score'] - m['data_baseline_score']:+.1f} | – | – |",
+        f"| **IPFM-distilled generator** (α = {m['alpha']:g}) | **{m['generator_nfe']}** | **{m['generator_score']:.3f} ± "
+        f"{m['generator_score_std']:.3f}** | {m['generator_excess']:+.3f} | {m['generator_space_fd']:.4f} | "
+        f"{m['generator_sampling_images_per_second']:,.0f} |",
         "",
-        f"{m['date']}, {m['machine']}. Distillation: {m['distill_iterations']:,} iterations × batch "
-        f"{m['distill_batch']} in {m['distill_seconds']:.0f} s ({m['images_per_second']:,.0f} generator images/s); "
-        f"teacher training {m['teacher_train_seconds']:.0f} s"
+        f"Generator − teacher, paired over the {n} sampling seeds: **{m['paired_diff_mean']:+.3f}**, 95% interval "
+        f"[{lo:+.3f}, {hi:+.3f}] (half-width {m['ci_half_width_over_teacher_excess']:.2f} × the teacher's excess): "
+        f"the 1-NFE generator is {'at least as good as' if hi <= 0 else 'not shown to be as good as'} the "
+        f"35-NFE teacher with 95% confidence. {m['date']}, {m['machine']}. Distillation: "
+        f"{m['distill_iterations']:,} iterations × batch {m['distill_batch']} in {m['distill_seconds']:.0f} s "
+        f"({m['images_per_second']:,.0f} generator images/s); teacher training {m['teacher_train_seconds']:.0f} s"
         f"{' (in an earlier run; this run reused the teacher)' if m.get('teacher_reused') else ''}; "
-        f"whole run {m['total_seconds']:.0f} s. "
-        f"Generator FD / teacher FD = {m['generator_fd_over_teacher_fd']:.2f} (target ≤ 1.5), "
-        f"/ initial generator FD = {m['generator_fd_over_initial_fd']:.3f} (target ≤ 0.5): "
-        f"targets {'met' if m['targets_met'] else 'NOT met'}.",
+        f"whole run {m['total_seconds']:.0f} s.",
     ]
     return "\n".join(rows)
 
@@ -141,6 +149,9 @@ BLOCKS = {
     ("README.md", "perf"): lambda: summarize.table(summarize.load()),
     ("docs/guide.md", "study"): lambda: _tables(_read("docs/study/study.md")),
     ("docs/guide.md", "teacher"): lambda: _tables(_read("docs/results/teacher_digits.md")),
+    ("docs/quality.md", "noise"): lambda: _read("docs/results/metric_noise.md").strip(),
+    ("docs/quality.md", "recipe"): lambda: _read("docs/results/recipe.md").strip(),
+    ("docs/quality.md", "study"): lambda: _tables(_read("docs/study/study.md")),
     ("docs/performance.md", "e2e"): lambda: e2e_block("docs"),
     ("docs/performance.md", "profile"): lambda: profile_block("docs"),
     ("docs/compat.md", "compat"): lambda: compat_block("docs"),

@@ -92,7 +92,7 @@ def test_1_sample_runs_a_generator_at_one_nfe(runs, tmp_path):
 def test_2_evaluate_scores_a_generator_at_one_nfe(runs):
     r = cli("evaluate", "--teacher", runs / "d_rgb", "--seeds", "1", "--num", "20", *RUNTIME)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "FD at 1 NFE" in r.stdout and "35 NFE" not in r.stdout
+    assert "at 1 NFE:" in r.stdout and "35 NFE" not in r.stdout
     one_line_error(cli("evaluate", "--teacher", runs / "d_rgb", "--steps", "1", *RUNTIME), "evaluate",
                    "one-step generator", "--steps")
 

@@ -35,8 +35,12 @@ def test_demo_writes_metrics_report_pictures_and_reuses_the_teacher(tmp_path):
     m = run_demo(str(tmp_path / "demo"), publish=str(tmp_path / "docs"), **kw)
     for key in ("teacher_fd", "generator_fd", "initial_generator_fd", "data_baseline_fd", "teacher_nfe",
                 "generator_nfe", "distill_seconds", "images_per_second", "teacher_fd_std", "generator_fd_std",
-                "initial_generator_fd_std", "targets_met"):
+                "initial_generator_fd_std", "targets_met", "score_name", "teacher_score", "generator_score",
+                "data_baseline_score", "paired_diff_mean", "paired_diff_ci95"):
         assert key in m, key
+    lo, hi = m["paired_diff_ci95"]
+    assert lo <= m["paired_diff_mean"] <= hi
+    assert m["paired_diff_mean"] == pytest.approx(m["generator_score"] - m["teacher_score"])
     assert m["teacher_nfe"] == 35 and m["generator_nfe"] == 1 and not m["teacher_reused"]
     assert all(math.isfinite(m[k]) for k in ("teacher_fd", "generator_fd", "initial_generator_fd"))
     assert len(m["fd_seeds"]["generator"]) == 2 and m["distill_iterations"] == 4

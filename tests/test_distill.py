@@ -123,7 +123,7 @@ def test_tiny_run_writes_everything(teacher_dir, tmp_path, monkeypatch):
                  "log.jsonl", "summary.json"):
         assert (out / name).exists(), name
     assert s["steps"] == 6 and s["D"] == 128.0 and s["images_per_second"] > 0
-    assert [c["step"] for c in s["curve"]] == [0, 3, 6] and all(math.isfinite(c["fd_test"]) for c in s["curve"])
+    assert [c["step"] for c in s["curve"]] == [0, 3, 6] and all(math.isfinite(c["score_test"]) for c in s["curve"])
     model, D, sigma_init, meta = dl.load_generator(str(out))
     assert D == 128.0 and sigma_init == 2.5 and meta["role"] == "generator" and meta["steps"] == s["best_step"]
     x = dl.generate(model, 5, [1, 8, 8], D, sigma_init, seed=0)

@@ -221,7 +221,8 @@ class _PerturbFunction(_op.Function):
     def save(ctx, inputs, outputs):
         x, sigma, _, D, seed, return_noise, t_lo, t_hi, backend = inputs
         ctx.D, ctx.clip, ctx.backend = D, (t_lo, t_hi), backend
-        ctx.layout = (list(x.shape), list(x.stride()))
+        y = outputs[0]  # the layout the forward drew on (x's may overlap: a zero-stride expand)
+        ctx.layout = (list(y.shape), list(y.stride()))
         ctx.mark_non_differentiable(outputs[1])
         ctx.save_for_backward(seed, outputs[1] if return_noise else None)
 

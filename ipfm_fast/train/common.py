@@ -102,8 +102,12 @@ def check_run_folder(out, ckpt_path, *, resume, overwrite, main=True):
         return
     if not overwrite:
         from ipfm_fast.checkpoint import read_meta
+        from ipfm_fast.errors import BadFile
 
-        step = read_meta(ckpt_path).get("step")
+        try:
+            step = read_meta(ckpt_path, kind="training").get("step")
+        except BadFile as err:
+            raise BadFile(f"{err}: start the run over with --overwrite, or choose another --out") from err
         raise InvalidInput(f"{out} already holds a run (checkpoint at step {step}): continue it with --resume, "
                            f"start it over with --overwrite, or choose another --out")
     if main:

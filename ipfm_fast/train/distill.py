@@ -102,7 +102,8 @@ class DistillConfig:
                                  "allowed with a warning)", type=parse_D)
     data: str | None = knob(None, "data set for the periodic evaluation (default: the teacher's; must have its "
                                   "image shape)")
-    alpha: float = knob(1.0, "generator-loss alpha (1/2: plain IPFM; 1.2: SiD's)", group=IPFM, type=float)
+    alpha: float = knob(0.5, "generator-loss alpha (1/2: plain IPFM, the IPFM authors' and the best in the "
+                             "docs/quality.md sweep; 1.2: SiD's)", group=IPFM, type=float)
     fake_steps: int = knob(1, "fake updates per iteration", group=IPFM, type=positive_int)
     sigma_init: float = knob(2.5, "the generator's noise level and prior", group=IPFM, type=float)
     t_max: float = knob(800.0, "generator-step levels: t ~ U[0, t_max/1000]", group=IPFM, type=float)
@@ -666,7 +667,7 @@ class DistillRun:
             check_writable(cfg.out, folder=True, what="--out")
         common.check_run_folder(cfg.out, self.ckpt_path, resume=resume, overwrite=overwrite, main=self.main)
         if resume:
-            saved = DistillConfig.from_json(ckpt.read_meta(self.ckpt_path)["config"])
+            saved = DistillConfig.from_json(ckpt.read_meta(self.ckpt_path, kind="training")["config"])
             for keep in RESUMABLE:
                 setattr(saved, keep, getattr(cfg, keep))
             cfg = saved.validate()
@@ -714,7 +715,7 @@ class DistillRun:
 
     def save_checkpoint(self, step):
         if self.main:
-            best = self.selector.best if self.selector else {"fd_train": math.inf, "step": None}
+            best = self.selector.best if self.selector else {"score_train": math.inf, "step": None}
             ckpt.save_state(self.ckpt_path, **self._state_files(), step=step, config=self.cfg.to_json(),
                             model_cfg=self.cfg.model,
                             extra={"best": best, "train_seconds": self.book.elapsed, "bad_run": self.bad_run,
@@ -756,8 +757,8 @@ class DistillRun:
             with common.num_threads(1 if self.device.type == "cpu" else None):
                 return scorer.score(x)
 
-        def save(step, fd_train):
-            self.save_generator("generator", step, fd_train=fd_train)
+        def save(step, score_train):
+            self.save_generator("generator", step, score_train=score_train)
 
         curve = curve_from_log(self.log_path) if self.resume else []
         self.selector = BestGenerator(score, save, best=self.saved_best, curve=curve)
@@ -765,8 +766,8 @@ class DistillRun:
             s0 = self.selector.evaluate(0)
             with common.JSONLLogger(self.log_path) as jl:
                 jl.log(step=0, images_seen=0, train_seconds=0.0, **s0)
-            self.say(f"initial generator (the teacher at 1 NFE): FD vs train {s0['fd_train']:.2f}, vs test "
-                     f"{s0['fd_test']:.2f}")
+            self.say(f"initial generator (the teacher at 1 NFE): {scorer.ev.score_name} vs train "
+                     f"{s0['score_train']:.4f}, vs test {s0['score_test']:.4f}")
 
     def train(self, progress, stack):
         cfg, st = self.cfg, self.state
@@ -786,8 +787,8 @@ class DistillRun:
             if self.selector is not None and (tick.done % cfg.eval_every == 0 or tick.last):
                 s = self.selector.evaluate(tick.done)
                 best = self.selector.best
-                book.note(postfix={"fd": f"{s['fd_test']:.2f}", "best": f"{best['fd_train']:.2f}@{best['step']}"},
-                          **s)
+                book.note(postfix={"score": f"{s['score_test']:.4f}",
+                                   "best": f"{best['score_train']:.4f}@{best['step']}"}, **s)
             if tick.checkpoint:
                 if not tick.read:
                     self.bad_run = int(self.window.run)  # a checkpoint syncs anyway
@@ -834,19 +835,20 @@ class DistillRun:
         grid = save_grid(generate(kept, GRID_SAMPLES, st.shape, st.D, cfg.sigma_init, seed=cfg.eval_seed,
                                   device=self.device, autocast=st.autocast, backend=cfg.backend),
                          os.path.join(cfg.out, "samples.png"), nrow=10)
-        best = self.selector.best if self.selector else {"fd_train": math.inf, "step": None}
+        best = self.selector.best if self.selector else {"score_train": math.inf, "step": None}
         summary = {
-            "generator": generator_file(cfg.out), "samples": grid, "steps": done,
+            "generator": generator_file(cfg.out), "samples": grid,
+            "steps": done,
             "resumed_from": self.start if self.resume else None, "stopped": book.stop_reason,
             "train_seconds": seconds, "total_train_seconds": self.elapsed0 + seconds,
             "images_per_second": iters * cfg.batch / max(seconds, 1e-9), "best_step": best["step"],
-            "best_fd_train": best["fd_train"], "parameters": count_params(st.gen_net), "device": str(self.device),
+            "best_score_train": best["score_train"], "parameters": count_params(st.gen_net), "device": str(self.device),
             "precision": st.precision, "world_size": self.dctx.world, "D": ckpt._encode_D(float(cfg.D)),
             "data": cfg.data, "curve": self.selector.curve if self.selector else [],
         }
         common.write_json(os.path.join(cfg.out, "summary.json"), summary)
         how = f"stopped by {book.stop_reason}" if book.stop_reason else "done"
-        kept_what = (f"best EMA generator (iteration {best['step']}, FD vs train {best['fd_train']:.2f})"
+        kept_what = (f"best EMA generator (iteration {best['step']}, score vs train {best['score_train']:.4f})"
                      if self.selector else f"EMA generator of the last iteration ({done}; --eval-every 0: no scores "
                                            f"to choose by)")
         self.say(f"distilled {iters} iterations in {seconds:.1f} s ({summary['images_per_second']:.0f} images/s, "

@@ -13,24 +13,35 @@ import torch
 
 import ipfm_fast as ipf
 from ipfm_fast import checkpoint as ckpt
+from ipfm_fast._files import read_json
 from ipfm_fast.data import save_grid
 from ipfm_fast.train import common
 
 
+PRIOR_CHUNK = 10_000  # prior rows drawn per call: bounded memory, and the draws do not depend on the batch
+
+
 @torch.no_grad()
-def generate(model, num, shape, D, sigma_init=2.5, *, seed=0, device="cpu", batch=2000, autocast=None,
-             backend="auto"):
-    """``num`` one-step samples G(z) = model(z, sigma_init), z ~ prior(sigma_init, D) drawn
-    in one call from a generator seeded with ``seed`` (deterministic whatever ``batch``)."""
+def iter_generate(model, num, shape, D, sigma_init=2.5, *, seed=0, device="cpu", batch=2000, autocast=None,
+                  backend="auto"):
+    """One-step samples G(z) = model(z, sigma_init), z ~ prior(sigma_init, D), yielded in
+    batches of ``batch`` rows: the prior is drawn :data:`PRIOR_CHUNK` rows at a time from one
+    generator seeded with ``seed``, so the samples are a function of the seed alone
+    (whatever ``batch``), and memory stays bounded for any ``num``."""
     device = torch.device(device)
     rng = torch.Generator(device=device).manual_seed(int(seed))
-    z = ipf.sample_prior((num, *shape), sigma_init, D, device=device, dtype=torch.float32, generator=rng,
-                         backend=backend)
-    out = []
-    for i in range(0, num, batch):
-        with (autocast() if autocast else contextlib.nullcontext()):
-            out.append(model(z[i:i + batch], sigma_init).float())
-    return torch.cat(out)
+    for start in range(0, num, PRIOR_CHUNK):
+        rows = min(PRIOR_CHUNK, num - start)
+        z = ipf.sample_prior((rows, *shape), sigma_init, D, device=device, dtype=torch.float32, generator=rng,
+                             backend=backend)
+        for i in range(0, rows, batch):
+            with (autocast() if autocast else contextlib.nullcontext()):
+                yield model(z[i:i + batch], sigma_init).float()
+
+
+def generate(model, num, shape, D, sigma_init=2.5, **kw):
+    """All of :func:`iter_generate`'s samples in one tensor [num, *shape]."""
+    return torch.cat(list(iter_generate(model, num, shape, D, sigma_init, **kw)))
 
 
 def score_seeds(make_samples, data, cache_dir, *, seeds, num, nfe, device, log=print, grid=None, evaluator=None,
@@ -49,16 +60,22 @@ def score_seeds(make_samples, data, cache_dir, *, seeds, num, nfe, device, log=p
         per_seed.append(dict(seed=seed, **ev.score(x)))
         if grid and seed == seeds[0]:
             save_grid(x[:100], grid, nrow=10, upscale=grid_upscale)
-    fd, sw, nn_ratio = (summarize([r[k] for r in per_seed]) for k in ("fd", "sw", "nn_ratio"))
-    res = {"fd": fd, "sw": sw, "nn_ratio": nn_ratio, "baseline_fd": ev.baseline["baseline_fd"],
+    score, space_fd, fd, sw, nn_ratio = (summarize([r[k] for r in per_seed])
+                                         for k in ("score", "space_fd", "fd", "sw", "nn_ratio"))
+    res = {"score": score, "score_name": ev.score_name, "baseline_score": ev.baseline["baseline_score"],
+           "space_fd": space_fd, "space_fd_name": ev.space_fd_name,
+           "baseline_space_fd": ev.baseline["baseline_space_fd"],
+           "fd": fd, "sw": sw, "nn_ratio": nn_ratio, "baseline_fd": ev.baseline["baseline_fd"],
            "baseline_sw": ev.baseline["baseline_sw"], "nfe": nfe, "num_samples": num, "n_test": len(data.test),
            "features": ev.info["features"], "classifier_test_accuracy": ev.info["test_accuracy"],
            "seconds": time.perf_counter() - t0, "per_seed": per_seed}
-    spread = f" +- {fd['std']:.3f} (std over {len(seeds)} seeds)" if len(seeds) > 1 else f" (seed {seeds[0]})"
-    log(f"FD at {nfe} NFE: {fd['mean']:.3f}{spread} in {ev.feature_space()}; data baseline (train vs "
-        f"test): {res['baseline_fd']:.3f}; ratio {fd['mean'] / max(res['baseline_fd'], 1e-12):.2f}x | "
-        f"SW: {sw['mean']:.4f} vs baseline {res['baseline_sw']:.4f} | nearest-train-image distance ratio "
-        f"{nn_ratio['mean']:.2f} (1 = as novel as test images)")
+    spread = (lambda v, f: f" +- {v['std']:{f}} (std over {len(seeds)} seeds)" if len(seeds) > 1 else "")
+    log(f"{ev.score_name} at {nfe} NFE: {score['mean']:.3f}{spread(score, '.3f')}; data baseline (train vs test) "
+        f"{res['baseline_score']:.3f}, excess {score['mean'] - res['baseline_score']:.3f} | {ev.space_fd_name}: "
+        f"{space_fd['mean']:.4f} (baseline {res['baseline_space_fd']:.4f}) | FD in {ev.feature_space()}: "
+        f"{fd['mean']:.3f}{spread(fd, '.3f')} (baseline {res['baseline_fd']:.3f}) | SW: {sw['mean']:.4f} (baseline "
+        f"{res['baseline_sw']:.4f}) | nearest-train-image distance ratio {nn_ratio['mean']:.2f} (1 = as novel as "
+        f"test images)")
     ev.warn_sample_count(num, log)
     return res
 
@@ -96,42 +113,42 @@ def evaluate_generator(model, data, D, sigma_init, cache_dir, *, num=None, seeds
 
 
 class SelectionScorer:
-    """FD of 1-NFE samples against the *training* split (for picking the best
-    checkpoint) and against the test split (for the training curve), with the metrics'
-    cached classifier."""
+    """The score (the metrics' score space, e.g. pixel FD) of 1-NFE samples against the
+    *training* split (for picking the best checkpoint: the test split stays for the final
+    report) and against the test split (for the training curve)."""
 
     def __init__(self, data, cache_dir, device, log=None):
-        from ipfm_fast.metrics import Evaluator, extract, gaussian_stats
+        from ipfm_fast.metrics import Evaluator
 
         self.ev = Evaluator(data, cache_dir, device=device, log=log)
-        self.train_stats = gaussian_stats(extract(self.ev.net, data.train.floats(), device=device))
-        self._extract, self._stats = extract, gaussian_stats
 
     def score(self, x):
-        from ipfm_fast.metrics import frechet_distance
+        from ipfm_fast.metrics import kernel_distance
 
-        x = x.detach().float().cpu().clamp(-1, 1)
-        st = self._stats(self._extract(self.ev.net, x, device=self.ev.device))
-        return {"fd_train": frechet_distance(*st, *self.train_stats), "fd_test": frechet_distance(*st, *self.ev.test_stats)}
+        emb = self.ev.embed(x.detach().float().cpu().clamp(-1, 1))
+        return {"score_train": 1e3 * kernel_distance(emb, self.ev.train_emb),
+                "score_test": 1e3 * kernel_distance(emb, self.ev.test_emb)}
 
 
 class BestGenerator:
-    """Scores the EMA generator (``score(step)`` -> {"fd_train", "fd_test"}) and keeps the best
-    by the training-split FD: ``save(step, fd_train)`` writes it when it is better. ``best``
-    is {"fd_train", "step"} (restored on resume); ``curve`` the scores so far."""
+    """Scores the EMA generator (``score(step)`` -> {"score_train", "score_test"}) and keeps
+    the best by the training-split score: ``save(step, score_train)`` writes it when it is
+    better. ``best`` is {"score_train", "step"} (restored on resume); ``curve`` the scores so
+    far."""
 
     def __init__(self, score, save, best=None, curve=None):
         self._score, self._save = score, save
-        self.best = best or {"fd_train": math.inf, "step": None}
-        self.best["fd_train"] = float(self.best["fd_train"])
+        best = best if best and "score_train" in best else None  # a run of the classifier-FD era starts over
+        self.best = best or {"score_train": math.inf, "step": None}
+        self.best["score_train"] = float(self.best["score_train"])
         self.curve = curve or []
 
     def evaluate(self, step):
         s = self._score(step)
         self.curve.append(dict(step=step, **s))
-        if s["fd_train"] < self.best["fd_train"]:
-            self.best = {"fd_train": s["fd_train"], "step": step}
-            self._save(step, s["fd_train"])
+        if s["score_train"] < self.best["score_train"]:
+            self.best = {"score_train": s["score_train"], "step": step}
+            self._save(step, s["score_train"])
         return s
 
 
@@ -140,7 +157,8 @@ def curve_from_log(path):
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [{k: r[k] for k in ("step", "fd_train", "fd_test")} for r in map(json.loads, f) if "fd_test" in r]
+        return [{k: r[k] for k in ("step", "score_train", "score_test")} for r in map(json.loads, f)
+                if "score_test" in r]
 
 
 def generator_file(path):
@@ -170,8 +188,7 @@ def final_evaluation(out, *, seeds=5, device="auto", precision="auto", num=None,
     device = common.resolve_device(device)
     precision = common.resolve_precision(precision, device)
     model, D, sigma_init, meta = load_generator(out, device, trust_pickle=trust_pickle)
-    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = read_json(os.path.join(out, "config.json"), what="distill run config")
     data = load_dataset(meta.get("data") or cfg.get("data") or "digits", test_fraction=cfg.get("test_fraction", 0.1),
                         skip_bad_images=skip_bad_images, log=log)
     cache = cfg["teacher"] if os.path.isdir(cfg.get("teacher", "")) else out

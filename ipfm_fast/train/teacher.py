@@ -173,7 +173,7 @@ class TeacherRun:
         self.ckpt_path = os.path.join(cfg.out, "checkpoint.safetensors")
         common.check_run_folder(cfg.out, self.ckpt_path, resume=resume, overwrite=overwrite)
         if resume:
-            saved = TeacherConfig.from_json(ckpt.read_meta(self.ckpt_path)["config"])
+            saved = TeacherConfig.from_json(ckpt.read_meta(self.ckpt_path, kind="training")["config"])
             for keep in RESUMABLE:
                 setattr(saved, keep, getattr(cfg, keep))
             cfg = saved.validate()
