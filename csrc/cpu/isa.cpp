@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 
 #include "ipfm/registry.h"
@@ -120,6 +121,24 @@ static Registrar registrar([](pybind11::module_& m) {
   }, "{path, supported, requested (IPFM_FAST_CPU_ISA), reason}");
   m.def("_set_cpu_isa", [](const std::string& name) { return set_isa(name.c_str()); }, py::arg("name"),
         "tests: switch the CPU kernels' path in-process (False if the CPU lacks it); '' restores the default");
+  // Tests: one path's random-number kernels on their own, so that counters no op call can
+  // reach in a test (the 2^32 carry into the high word needs 2^34 elements) and every tail
+  // length are checked against the float64 spec. which: 0 randn4, 1 randn4_sq, 2 sq_terms.
+  m.def("_cpu_rng", [](const std::string& name, int which, uint64_t seed, uint64_t first, int64_t count,
+                       uintptr_t normals, uintptr_t terms) {
+    Isa isa;
+    if (!parse(name.c_str(), isa) || !cpu_has(isa))
+      throw std::invalid_argument("_cpu_rng: path " + name + " is unknown or not supported by this CPU");
+    if (count < 0) throw std::invalid_argument("_cpu_rng: negative count");
+    const SimdKernels& k = kernels_of(isa);
+    float* n = reinterpret_cast<float*>(normals);
+    float* t = reinterpret_cast<float*>(terms);
+    if (which == 0) k.randn4(seed, first, count, n);
+    else if (which == 1) k.randn4_sq(seed, first, count, n, t);
+    else if (which == 2) k.sq_terms(seed, first, count, t);
+    else throw std::invalid_argument("_cpu_rng: which must be 0, 1 or 2");
+  }, py::arg("isa"), py::arg("which"), py::arg("seed"), py::arg("first"), py::arg("count"), py::arg("normals"),
+     py::arg("terms"), "tests: normals[4 count] / terms[count] of one path's Philox kernels (raw fp32 pointers)");
 });
 
 }  // namespace ipfm::cpu

@@ -1,6 +1,10 @@
 // The AVX-512 path of the CPU kernels (isa.h): 16 lanes. Compiled for AVX-512 F/DQ/BW/VL +
 // FMA by the pragma below and called only when the CPU has them (isa.cpp); the kernels
 // themselves are simd_body.inc.
+// GCC 12 warns "__Y may be used uninitialized" inside avx512fintrin.h wherever an intrinsic
+// built on _mm512_undefined_*() is inlined: a false positive (the value is a don't-care
+// operand), silenced for this file only.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include <cstdint>
