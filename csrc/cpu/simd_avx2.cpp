@@ -33,6 +33,9 @@ inline __attribute__((always_inline)) vu xor3(vu a, vu b, vu c) { return a ^ b ^
 
 inline __attribute__((always_inline)) vf vsqrt(vf a) { return (vf)_mm256_sqrt_ps((__m256)a); }
 
+inline __attribute__((always_inline)) vf bcast_f(float s) { return (vf)_mm256_set1_ps(s); }
+inline __attribute__((always_inline)) vu bcast_u(uint32_t s) { return (vu)_mm256_set1_epi32(static_cast<int>(s)); }
+
 // out[4 i + j] = n_j[i]: a 4 x 4 transpose in each 128-bit lane, then of the two lanes.
 inline __attribute__((always_inline)) void store4(float* out, vf n0, vf n1, vf n2, vf n3) {
   const __m256 t0 = _mm256_unpacklo_ps((__m256)n0, (__m256)n1), t1 = _mm256_unpackhi_ps((__m256)n0, (__m256)n1);

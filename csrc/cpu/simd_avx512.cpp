@@ -40,6 +40,9 @@ inline __attribute__((always_inline)) vu xor3(vu a, vu b, vu c) {
 
 inline __attribute__((always_inline)) vf vsqrt(vf a) { return (vf)_mm512_sqrt_ps((__m512)a); }
 
+inline __attribute__((always_inline)) vf bcast_f(float s) { return (vf)_mm512_set1_ps(s); }
+inline __attribute__((always_inline)) vu bcast_u(uint32_t s) { return (vu)_mm512_set1_epi32(static_cast<int>(s)); }
+
 // out[4 i + j] = n_j[i]: a 4 x 4 transpose in each 128-bit lane, then of the lanes.
 inline __attribute__((always_inline)) void store4(float* out, vf n0, vf n1, vf n2, vf n3) {
   const __m512 t0 = _mm512_unpacklo_ps((__m512)n0, (__m512)n1), t1 = _mm512_unpackhi_ps((__m512)n0, (__m512)n1);
