@@ -1,6 +1,7 @@
 # make demo   - the main job: digits teacher (D = 128) -> IPFM one-step generator -> runs/demo/
 # make test   - create/reuse .venv, install the pinned deps, build ipfm_fast._C, run pytest (+ make test-fid)
 # make test-slow - the `slow` tests: deep property runs, sizes past 2^31, long-run memory
+# make test-isa - the CPU kernels' tests again on each narrower instruction-set path (avx2, generic)
 # make bench  - microbenchmarks of every op and backend -> benchmarks/results/<device>/
 # make study  - finite D vs D = inf under equal budgets -> runs/study/
 # make bench-e2e - images/s of a full distillation iteration vs a reference-style loop
@@ -14,7 +15,7 @@ FIND_LINKS := $(foreach d,/opt/wheels /opt/pypi/files /opt/pypi-more/files,$(if 
 PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS)
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.inc' 2>/dev/null)
 
-.PHONY: test test-slow test-fid bench bench-e2e install clean demo study
+.PHONY: test test-slow test-isa test-fid bench bench-e2e install clean demo study
 
 $(VENV)/.stamp-deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +34,16 @@ install: $(VENV)/.stamp-build
 test: install
 	$(PY) -m pytest -q -m "not slow" tests
 	$(PY) -m pytest -q -m slow tests/test_build.py
+	$(MAKE) --no-print-directory test-isa
 	$(MAKE) --no-print-directory test-fid
+
+# `make test` ran everything on the widest path this CPU has; the CPU kernels' own tests run
+# again on each narrower one (IPFM_FAST_CPU_ISA, csrc/cpu/isa.h), so an AVX-512 machine also
+# tests the AVX2 and generic code (~3 min each on 2 cores).
+ISA_TESTS := tests/test_cpu_isa.py tests/test_perturb.py tests/test_field_target.py tests/test_properties.py
+test-isa: install
+	set -e; for isa in $$($(PY) -c "from ipfm_fast.testing import cpu_isa_paths; print(*cpu_isa_paths()[1:])"); do \
+	  echo "== IPFM_FAST_CPU_ISA=$$isa"; IPFM_FAST_CPU_ISA=$$isa $(PY) -m pytest -q -m "not slow" $(ISA_TESTS); done
 
 # The `slow` tests (deep property runs, sizes past 2^31, long-run memory; ~7 min, ~13 GiB);
 # -s: they print their figures (docs/reliability.md quotes them)

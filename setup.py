@@ -66,7 +66,7 @@ def max_jobs():
 CPU_SOURCES = sorted(["csrc/bindings.cpp"] + glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
 CUDA_KERNELS = sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
 CUDA_HOST_SOURCES = sorted(glob.glob("csrc/cuda/*.cpp", root_dir=ROOT))
-HEADERS = sorted(glob.glob("csrc/**/*.h", root_dir=ROOT, recursive=True))
+HEADERS = sorted(glob.glob("csrc/**/*.h", root_dir=ROOT, recursive=True) + glob.glob("csrc/**/*.inc", root_dir=ROOT, recursive=True))
 
 
 class BuildExt(build_ext):

@@ -18,14 +18,13 @@ table into docs/compat.md.
 import math
 import os
 import statistics
-import time
 
 import numpy as np
 import pytest
 import torch
 
 import baselines
-from conftest import HAS_CUDA, _rows, set_baseline
+from conftest import HAS_CUDA, _rows, interleaved, set_baseline
 
 import ipfm_fast as ipf
 from ipfm_fast import backends
@@ -70,30 +69,6 @@ class AffineNet(torch.nn.Module):
 
     def forward(self, x, sigma, labels=None, augment_labels=None):
         return x * self.scale + self.shift
-
-
-def _seconds(fn):
-    if HAS_CUDA:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if HAS_CUDA:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def interleaved(fns, rounds=ROUNDS, warmup=2):
-    """{provider: [seconds per round]}: ``warmup`` calls each, then ``rounds`` rounds that call
-    every provider once, the order reversed every other round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(max(1, rounds)):
-        for name in names if r % 2 == 0 else names[::-1]:
-            times[name].append(_seconds(fns[name]))
-    return times
 
 
 def record(op, size, mode, times, **extra):

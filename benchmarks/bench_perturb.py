@@ -3,6 +3,11 @@ it, and each built fused backend; CIFAR-10-like and FFHQ-64-like batches, plus a
 batch (>= 256 MB moved per call) on CUDA for the fraction of copy bandwidth.
 
 bytes = read x + write y (the minimum any implementation must move).
+
+Timing: every provider of a size in interleaved rounds (benchmarks/conftest.py
+time_providers: each round calls each once, the order reversed every other round), rows with
+the median and the minimum, and the speedups over the PFGM++-style reference by both; the
+CPU rows name the CPU kernels' instruction-set path and the 1-minute load average.
 """
 
 import math
@@ -13,9 +18,10 @@ import torch
 
 import baselines
 import ipfm_fast as ipf
-from ipfm_fast import backends
+from ipfm_fast import _ext, backends
+from ipfm_fast.testing import cpu_isa, cpu_isa_paths
 
-from conftest import HAS_CUDA, set_baseline
+from conftest import HAS_CUDA, add_row, loadavg, set_baseline, time_providers
 
 D = 128.0
 SIZES = {"cifar10 B=256 N=3x32x32": (256, 3, 32, 32), "ffhq64 B=64 N=3x64x64": (64, 3, 64, 64)}
@@ -40,24 +46,54 @@ def providers():
     for b in ("cuda", "triton", "cpu"):
         if backends.why_not(b, DEVICE, torch.float32) is None and not (b == "triton" and DEVICE == "cpu"):
             out.append(b)  # the interpreter is not a speed measurement
+    if "cpu" in out:  # the narrower instruction-set paths of the CPU kernels, in the same rounds
+        out += [f"cpu-{p}" for p in cpu_isa_paths()[1:]]
     return out
 
 
+def provider_fn(provider, x, sigma, rng):
+    if provider == "pfgmpp_reference":
+        return lambda: baselines.perturb_pfgmpp_style(x, sigma, D, rng=rng)
+    if provider == "chi2_eager":
+        return lambda: baselines.perturb_chi2_eager(x, sigma, D)
+    if provider == "chi2_compile":
+        return lambda: chi2_compiled(x, sigma, D)
+    if provider.startswith("cpu-"):
+        def on_path():
+            with cpu_isa(provider[4:]):
+                return ipf.perturb(x, sigma, D, backend="cpu")
+        return on_path
+    return lambda: ipf.perturb(x, sigma, D, backend=provider)
+
+
+# `benchmark` is requested so that --benchmark-only keeps this test; the timing is time_providers'
+@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+# compile_mode: the torch.compile provider runs in its own test (gpu_check.sh times compiled
+# variants last, in their own stage), in rounds interleaved with the baseline's
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
 @pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("provider", providers())
-def test_perturb(bench, size, provider):
+def test_perturb(benchmark, size, compile_mode):
     shape = SIZES[size]
     x = torch.randn(shape, device=DEVICE)
     sigma = torch.rand(shape[0], device=DEVICE) * 10 + 0.01
     rng = np.random.default_rng(0)
-    if provider == "pfgmpp_reference":
-        fn = lambda: baselines.perturb_pfgmpp_style(x, sigma, D, rng=rng)  # noqa: E731
-    elif provider == "chi2_eager":
-        fn = lambda: baselines.perturb_chi2_eager(x, sigma, D)  # noqa: E731
-    elif provider == "chi2_compile":
-        fn = lambda: chi2_compiled(x, sigma, D)  # noqa: E731
-    else:
-        fn = lambda: ipf.perturb(x, sigma, D, backend=provider)  # noqa: E731
-    nbytes = 2 * x.numel() * x.element_size()
-    bench(fn, op="perturb", size=size, provider=provider, nbytes=nbytes, device=DEVICE,
-          elements=x.numel(), D=D if math.isfinite(D) else "inf")
+    names = [p for p in providers() if ("compile" in p) == (compile_mode == "on")]
+    if compile_mode == "on":
+        names = ["pfgmpp_reference"] + names
+    fns = {p: provider_fn(p, x, sigma, rng) for p in names}
+    load = loadavg()
+    times = time_providers(fns, DEVICE)
+    if compile_mode == "on":  # the baseline's row is the eager test's; here only the same-rounds ratio
+        base_med, base_min, _ = times.pop("pfgmpp_reference")
+    extra = {"elements": x.numel(), "D": D if math.isfinite(D) else "inf"}
+    if DEVICE == "cpu":
+        extra.update(threads=torch.get_num_threads(), load_1min=load)
+    for provider, (med, low, rounds) in times.items():
+        if provider.startswith("cpu"):
+            extra["cpu_isa"] = provider[4:] or _ext._C.cpu_isa()
+        if compile_mode == "on":
+            extra.update(same_rounds_speedup_vs_pfgmpp_reference=base_med / med,
+                         same_rounds_speedup_min_vs_pfgmpp_reference=base_min / low)
+        add_row(op="perturb", size=size, provider=provider, median_s=med, min_s=low, rounds=rounds,
+                nbytes=2 * x.numel() * x.element_size(), device=DEVICE, **{**extra})
+        extra.pop("cpu_isa", None)

@@ -2,7 +2,11 @@
 
 Each test times one (op, size, provider, mode) with the ``bench`` fixture:
 CPU through pytest-benchmark (median of rounds after warm-up), CUDA through
-``triton.testing.do_bench`` (CUDA events, median). At the end of the session every op's
+``triton.testing.do_bench`` (CUDA events, median). Or a test times every provider of one
+(op, size, mode) together with :func:`time_providers` and :func:`add_row`: on a CPU in
+interleaved rounds (each round calls every provider once, the order reversed every other
+round, so a neighbour's load slows all alike), each row keeping the median and the minimum
+over the rounds; on CUDA do_bench per provider (median and min). At the end of the session every op's
 rows go to ``benchmarks/results/<device>/<op>.json`` and ``.md`` with the device name,
 versions and date, the speedup of each provider over the op's baseline provider at the
 same size and mode, and on CUDA the fraction of the device-to-device copy bandwidth
@@ -12,6 +16,7 @@ measured in the same run.
 import datetime
 import json
 import os
+import statistics
 import time
 from collections import defaultdict
 
@@ -49,6 +54,77 @@ def copy_bandwidth_gbs():
 
 def set_baseline(op, provider):
     _baselines[op] = provider
+
+
+ROUNDS = int(os.environ.get("IPFM_BENCH_ROUNDS", 10))
+
+
+def seconds(fn):
+    """Wall clock of one call (around a CUDA synchronize on a GPU)."""
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(fns, rounds=None, warmup=2):
+    """{provider: [seconds per round]}: ``warmup`` calls each, then ``rounds`` rounds
+    (IPFM_BENCH_ROUNDS, default 10) that call every provider once, the order reversed every
+    other round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(max(1, ROUNDS if rounds is None else rounds)):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(seconds(fns[name]))
+    return times
+
+
+def time_providers(fns, device="cpu", rounds=None):
+    """{provider: (median_s, min_s, rounds)} of every provider of one (op, size, mode): CPU in
+    interleaved rounds, CUDA by do_bench (events) per provider."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        out = {}
+        for name, fn in fns.items():
+            fn()
+            med, low = (triton.testing.do_bench(fn, return_mode=m) * 1e-3 for m in ("median", "min"))
+            out[name] = (med, low, None)
+        return out
+    return {name: (statistics.median(ts), min(ts), len(ts)) for name, ts in interleaved(fns, rounds).items()}
+
+
+def add_row(*, op, size, provider, mode="forward", median_s, min_s, rounds=None, nbytes=None, flops=None,
+            device="cpu", **extra):
+    """One result row (as the ``bench`` fixture writes them, plus ``min_ms`` and ``rounds``)."""
+    row = {"op": op, "size": size, "provider": provider, "mode": mode, "median_ms": median_s * 1e3,
+           "min_ms": min_s * 1e3}
+    if rounds:
+        row["rounds"] = rounds
+    if nbytes:
+        row["GB/s"] = nbytes / median_s / 1e9
+        if torch.device(device).type == "cuda":
+            row["copy_bw_fraction"] = row["GB/s"] / copy_bandwidth_gbs()
+    if flops:
+        row["TFLOP/s"] = flops / median_s / 1e12
+    row.update(extra)
+    _rows[op].append(row)
+    return row
+
+
+def loadavg():
+    """The 1-minute load average (None where /proc/loadavg is missing): a busy machine's rows say so."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return None
 
 
 @pytest.fixture
@@ -113,10 +189,13 @@ def pytest_sessionfinish(session, exitstatus):
             rows += [r for r in kept if (r["size"], r["provider"], r["mode"]) not in fresh]
         base = _baselines.get(op)
         if base:
-            ref = {(r["size"], r["mode"]): r["median_ms"] for r in rows if r["provider"] == base}
+            ref = {(r["size"], r["mode"]): r for r in rows if r["provider"] == base}
             for r in rows:
-                if (r["size"], r["mode"]) in ref:
-                    r[f"speedup_vs_{base}"] = ref[(r["size"], r["mode"])] / r["median_ms"]
+                b = ref.get((r["size"], r["mode"]))
+                if b is not None:
+                    r[f"speedup_vs_{base}"] = b["median_ms"] / r["median_ms"]
+                    if "min_ms" in r and "min_ms" in b:
+                        r[f"speedup_min_vs_{base}"] = b["min_ms"] / r["min_ms"]
         rows.sort(key=lambda r: (r["size"], r["mode"], r["median_ms"]))
         with open(os.path.join(out_dir, f"{op}.json"), "w") as f:
             json.dump({**meta, "op": op, "baseline": base, "rows": rows}, f, indent=2)

@@ -21,7 +21,8 @@ def collect():
         build["error"] = _ext.load_error
     else:
         build.update(openmp=bool(ext.openmp), cuda=bool(ext.has_cuda), cuda_archs=ext.cuda_archs or None,
-                     cuda_skip_reason=ext.cuda_skip_reason or None, path=ext.__file__)
+                     cuda_skip_reason=ext.cuda_skip_reason or None, path=ext.__file__,
+                     cpu_isa=dict(ext.cpu_isa_report()))
         if ext.has_cuda:
             build["cuda_devices_seen_by_extension"] = ext.cuda_device_count()
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -47,6 +48,9 @@ def format_report(info):
     if ext["loaded"]:
         cuda = f"CUDA kernels for sm {ext['cuda_archs']}" if ext["cuda"] else f"no CUDA kernels ({ext['cuda_skip_reason']})"
         lines.append(f"extension ipfm_fast._C: loaded, OpenMP {'on' if ext['openmp'] else 'off'}, {cuda}")
+        isa = ext["cpu_isa"]
+        lines.append(f"CPU kernels: {isa['path']} path ({isa['reason']}; this CPU supports "
+                     f"{', '.join(isa['supported'])}; IPFM_FAST_CPU_ISA=avx512|avx2|generic chooses)")
     else:
         lines.append(f"extension ipfm_fast._C: NOT loaded ({ext['error']})")
     if info["triton_interpreter"]:

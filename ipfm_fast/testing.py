@@ -1,5 +1,8 @@
 """Test helpers that ship with the package (usable by other codebases' tests too).
 
+:func:`cpu_isa` runs a block on one instruction-set path of the CPU kernels (avx512, avx2,
+generic), as IPFM_FAST_CPU_ISA does for a whole process.
+
 :func:`hopper_compile_only` makes every Triton launch of ipfm_fast compile, on a machine
 without a GPU, exactly the specialization a Hopper GPU would compile for it -- the real
 launcher's grid, constexprs, dtypes, strides and integer specializations -- and run nothing.
@@ -207,3 +210,28 @@ def hopper_compile_only():
                         cubin_bytes=len(compiled.asm["cubin"])))
             fn.device_caches = saved_caches[name]
         driver.set_active(saved_driver)
+
+
+def cpu_isa_paths():
+    """The CPU kernels' instruction-set paths this CPU can run, widest first ([] without the extension)."""
+    from ipfm_fast import _ext
+
+    return [] if _ext._C is None else list(_ext._C.cpu_isa_report()["supported"])
+
+
+@contextlib.contextmanager
+def cpu_isa(name):
+    """Runs the block with the CPU kernels on path ``name`` ("avx512", "avx2", "generic"), then
+    restores the path the environment and the CPU choose. Raises ValueError for a path this
+    CPU lacks. Not thread-safe: the path is process-wide."""
+    from ipfm_fast import _ext
+
+    if _ext._C is None:
+        raise RuntimeError(f"ipfm_fast._C is not loaded ({_ext.load_error})")
+    if not _ext._C._set_cpu_isa(name):
+        raise ValueError(f"CPU kernel path {name!r} is unknown or not supported here (supported: "
+                         f"{', '.join(cpu_isa_paths())})")
+    try:
+        yield
+    finally:
+        _ext._C._set_cpu_isa("")

@@ -5,27 +5,31 @@
 // Variants: g given (read instead of drawn) and the Beta clip, which first sums |g|^2 per
 // (row, chunk) in a pre-pass (Philox and two logs per four elements, or a read of the
 // given g) and reduces each row's partials in chunk order, so results do not depend on
-// the thread count either.
+// the thread count either. The random numbers come from the path isa.h chooses (AVX-512,
+// AVX2 or generic): the same counters and polynomials, equal up to float rounding.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
+#include "isa.h"
 #include "ipfm/perturb_math.h"
 #include "ipfm/registry.h"
 
 namespace ipfm::cpu {
-namespace {
 
-constexpr int64_t kGroupsPerChunk = 64;  // 256 elements: one vectorized Philox batch
+// The generic path's random-number kernels (isa.h): portable C++ that GCC vectorizes
+// itself; the AVX2 / AVX-512 paths (simd_body.inc) compute the same numbers lane by lane.
+namespace generic {
 
 // Four normals per counter for `count` (<= kGroupsPerChunk) consecutive counters, in
 // element order: normals[4 * i + j] = normal j of counter (first + i). Written branch-free
 // so GCC vectorizes the Philox rounds and the Box-Muller math across i. Short rows ask for
 // fewer counters: a 64-value row needs 16, not a whole chunk.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
-void randn4_batch(uint64_t seed, uint64_t first, int64_t count, float* __restrict normals) {
+void randn4(uint64_t seed, uint64_t first, int64_t count, float* __restrict normals) {
   for (int64_t i = 0; i < count; ++i) {
     const uint64_t ctr = first + static_cast<uint64_t>(i);
     const Philox4 r = philox4x32_10(static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), 0u, 0u, seed);
@@ -46,9 +50,9 @@ void randn4_batch(uint64_t seed, uint64_t first, int64_t count, float* __restric
 
 // |g|^2 terms of `count` (<= kGroupsPerChunk) full groups of four normals from counter
 // `first` on: n1^2 + n2^2 = -2 ln max(u1, 1e-7) per Box-Muller pair (no sqrt, sin or cos),
-// computed as randn4_batch_sq computes them (vectorized Philox and logs).
+// computed as randn4_sq computes them (vectorized Philox and logs).
 __attribute__((target_clones("arch=x86-64-v3", "default")))
-void sq_norm_terms(uint64_t seed, uint64_t first, int64_t count, float* __restrict terms) {
+void sq_terms(uint64_t seed, uint64_t first, int64_t count, float* __restrict terms) {
   for (int64_t i = 0; i < count; ++i) {
     const uint64_t ctr = first + static_cast<uint64_t>(i);
     const Philox4 r = philox4x32_10(static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), 0u, 0u, seed);
@@ -59,11 +63,10 @@ void sq_norm_terms(uint64_t seed, uint64_t first, int64_t count, float* __restri
   }
 }
 
-// randn4_batch (the same normals) plus the sq_norm_terms terms of each counter, for the
-// one-pass clip: a row's normals are kept while its |g|^2 is summed, then written.
+// randn4 (the same normals) plus the sq_terms terms of each counter, for the one-pass
+// clip: a row's normals are kept while its |g|^2 is summed, then written.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
-void randn4_batch_sq(uint64_t seed, uint64_t first, int64_t count, float* __restrict normals,
-                     float* __restrict terms) {
+void randn4_sq(uint64_t seed, uint64_t first, int64_t count, float* __restrict normals, float* __restrict terms) {
   for (int64_t i = 0; i < count; ++i) {
     const uint64_t ctr = first + static_cast<uint64_t>(i);
     const Philox4 r = philox4x32_10(static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), 0u, 0u, seed);
@@ -84,25 +87,42 @@ void randn4_batch_sq(uint64_t seed, uint64_t first, int64_t count, float* __rest
   }
 }
 
+void apply_f32(const float* x, float* y, float* noise, const float* normals, int64_t count, float factor,
+               float scale) {
+  if (x) {
+    for (int64_t e = 0; e < count; ++e) y[e] = x[e] + factor * normals[e];
+  } else {
+    for (int64_t e = 0; e < count; ++e) y[e] = factor * normals[e];
+  }
+  if (noise)
+    for (int64_t e = 0; e < count; ++e) noise[e] = scale * normals[e];
+}
+
+}  // namespace generic
+
+namespace {
+
+constexpr int64_t kGroupsPerChunk = 64;  // 256 elements: one vectorized Philox batch
+
 // |g|^2 of the drawn normals of one chunk, `count` elements from counter first_ctr on,
-// given the sq_norm_terms of its full groups: the terms in order, then the partial
-// last group's squares (drawn on their own, so that both clip paths sum the same floats).
-float drawn_chunk_sq(const float* terms, uint64_t seed, uint64_t first_ctr, int64_t count) {
+// given the sq_terms of its full groups: the terms in order, then the partial last
+// group's squares (drawn on their own, so that both clip paths sum the same floats).
+float drawn_chunk_sq(const SimdKernels& K, const float* terms, uint64_t seed, uint64_t first_ctr, int64_t count) {
   const int64_t full = count / 4;
   float s = 0.0f;
   for (int64_t i = 0; i < full; ++i) s += terms[i];
   if (count % 4) {
     alignas(16) float tail[4];
-    randn4_batch(seed, first_ctr + static_cast<uint64_t>(full), 1, tail);
+    K.randn4(seed, first_ctr + static_cast<uint64_t>(full), 1, tail);
     for (int64_t j = 0; j < count % 4; ++j) s += tail[j] * tail[j];
   }
   return s;
 }
 
 // |g|^2 of elements [e0, e0 + count) of one row: of the given g (eight running sums, so
-// the loop vectorizes), or of the drawn normals (sq_norm_terms, no sin/cos).
+// the loop vectorizes), or of the drawn normals (sq_terms, no sin/cos).
 template <typename T>
-double chunk_sq_norm(const T* gr, uint64_t seed, uint64_t first_ctr, int64_t e0, int64_t count) {
+double chunk_sq_norm(const SimdKernels& K, const T* gr, uint64_t seed, uint64_t first_ctr, int64_t e0, int64_t count) {
   if (gr) {
     float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     int64_t e = 0;
@@ -121,17 +141,36 @@ double chunk_sq_norm(const T* gr, uint64_t seed, uint64_t first_ctr, int64_t e0,
     return s;
   }
   alignas(64) float terms[kGroupsPerChunk];
-  sq_norm_terms(seed, first_ctr, count / 4, terms);
-  return drawn_chunk_sq(terms, seed, first_ctr, count);
+  K.sq_terms(seed, first_ctr, count / 4, terms);
+  return drawn_chunk_sq(K, terms, seed, first_ctr, count);
 }
 
 constexpr int64_t kMaxBufferedRow = int64_t{1} << 20;  // one-pass clip: a thread keeps a row (4 MiB)
+
+// y[e] = x[e] + factor * normals[e] (x null: the prior), noise[e] = scale * normals[e] (if
+// asked) for e < count: fp32 through the path's vector loop, fp16 / bf16 converted here.
+template <typename T>
+void apply_row(const SimdKernels& K, const T* xr, T* yr, T* nr, const float* normals, int64_t count, float factor,
+               float scale) {
+  if constexpr (std::is_same_v<T, float>) {
+    K.apply_f32(xr, yr, nr, normals, count, factor, scale);
+  } else {
+    if (xr) {
+      for (int64_t e = 0; e < count; ++e) yr[e] = from_float<T>(to_float(xr[e]) + factor * normals[e]);
+    } else {
+      for (int64_t e = 0; e < count; ++e) yr[e] = from_float<T>(factor * normals[e]);
+    }
+    if (nr)
+      for (int64_t e = 0; e < count; ++e) nr[e] = from_float<T>(scale * normals[e]);
+  }
+}
 
 template <typename T>
 void perturb_rows(const T* x, int64_t x_row_stride, T* y, int64_t y_row_stride, T* noise,
                   int64_t noise_row_stride, const T* g, int64_t g_row_stride, int64_t rows, int64_t n,
                   const float* sigma, float sigma_scalar, double alpha, uint64_t seed, double t_lo, double t_hi,
                   int threads) {
+  const SimdKernels& K = simd();
   const int64_t groups = (n + 3) / 4;
   const int64_t chunks_per_row = (groups + kGroupsPerChunk - 1) / kGroupsPerChunk;
   const int64_t work = rows * chunks_per_row;
@@ -153,24 +192,14 @@ void perturb_rows(const T* x, int64_t x_row_stride, T* y, int64_t y_row_stride, 
           const int64_t g0 = chunk * kGroupsPerChunk;
           const int64_t e0 = g0 * 4;
           const uint64_t ctr = static_cast<uint64_t>(row * groups + g0);
-          randn4_batch_sq(seed, ctr, std::min(kGroupsPerChunk, groups - g0), buffer.data() + e0, terms);
-          q += drawn_chunk_sq(terms, seed, ctr, std::min(n, e0 + 4 * kGroupsPerChunk) - e0);
+          K.randn4_sq(seed, ctr, std::min(kGroupsPerChunk, groups - g0), buffer.data() + e0, terms);
+          q += drawn_chunk_sq(K, terms, seed, ctr, std::min(n, e0 + 4 * kGroupsPerChunk) - e0);
         }
         const double s64 = chi2_scale64(seed, row, alpha);
         const float scale = static_cast<float>(s64 * clip_factor(q, s64, alpha, t_lo, t_hi));
         const float factor = row_factor(sigma ? sigma[row] : sigma_scalar, scale);
-        const float* normals = buffer.data();
-        T* yr = y + row * y_row_stride;
-        if (x) {
-          const T* xr = x + row * x_row_stride;
-          for (int64_t e = 0; e < n; ++e) yr[e] = from_float<T>(to_float(xr[e]) + factor * normals[e]);
-        } else {
-          for (int64_t e = 0; e < n; ++e) yr[e] = from_float<T>(factor * normals[e]);
-        }
-        if (noise) {
-          T* nr = noise + row * noise_row_stride;
-          for (int64_t e = 0; e < n; ++e) nr[e] = from_float<T>(scale * normals[e]);
-        }
+        apply_row<T>(K, x ? x + row * x_row_stride : nullptr, y + row * y_row_stride,
+                     noise ? noise + row * noise_row_stride : nullptr, buffer.data(), n, factor, scale);
       }
     }
     return;
@@ -182,7 +211,7 @@ void perturb_rows(const T* x, int64_t x_row_stride, T* y, int64_t y_row_stride, 
       const int64_t row = item / chunks_per_row;
       const int64_t g0 = (item % chunks_per_row) * kGroupsPerChunk;
       const int64_t e0 = g0 * 4;
-      partial[item] = chunk_sq_norm<T>(g ? g + row * g_row_stride : nullptr, seed,
+      partial[item] = chunk_sq_norm<T>(K, g ? g + row * g_row_stride : nullptr, seed,
                                        static_cast<uint64_t>(row * groups + g0), e0,
                                        std::min(n, e0 + 4 * kGroupsPerChunk) - e0);
     }
@@ -216,20 +245,10 @@ void perturb_rows(const T* x, int64_t x_row_stride, T* y, int64_t y_row_stride, 
         const T* gr = g + row * g_row_stride + e0;
         for (int64_t e = 0; e < count; ++e) normals[e] = to_float(gr[e]);
       } else {
-        randn4_batch(seed, static_cast<uint64_t>(row * groups + g0), std::min(kGroupsPerChunk, groups - g0),
-                     normals);
+        K.randn4(seed, static_cast<uint64_t>(row * groups + g0), std::min(kGroupsPerChunk, groups - g0), normals);
       }
-      T* yr = y + row * y_row_stride + e0;
-      if (x) {
-        const T* xr = x + row * x_row_stride + e0;
-        for (int64_t e = 0; e < count; ++e) yr[e] = from_float<T>(to_float(xr[e]) + factor * normals[e]);
-      } else {
-        for (int64_t e = 0; e < count; ++e) yr[e] = from_float<T>(factor * normals[e]);
-      }
-      if (noise) {
-        T* nr = noise + row * noise_row_stride + e0;
-        for (int64_t e = 0; e < count; ++e) nr[e] = from_float<T>(scale * normals[e]);
-      }
+      apply_row<T>(K, x ? x + row * x_row_stride + e0 : nullptr, y + row * y_row_stride + e0,
+                   noise ? noise + row * noise_row_stride + e0 : nullptr, normals, count, factor, scale);
     }
   }
 }
