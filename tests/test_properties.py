@@ -719,6 +719,17 @@ def test_known_bug_field_target_logz_grad_at_small_sigma():
     assert err["fused"] <= max(2e-3, 2 * err["fp32"]), err
 
 
+@pytest.mark.xfail(strict=True, reason="KNOWN BUG (found by the deep property run): the Triton field_target's log Z "
+                                       "at sigma = 1e-4 << |x| with one reference row is 2.2e-4 off the float64 spec, "
+                                       "twice its documented 1e-6 relative + 1e-4 bound (the C++ kernel meets it)")
+@pytest.mark.skipif(not any(b == "triton" for _, b in FUSED), reason="no Triton backend here")
+def test_known_bug_triton_field_target_logz_at_small_sigma():
+    device = next(d for d, b in FUSED if b == "triton")
+    check_field_target(device, "triton", FieldCase(
+        shape=(1, 31), m=1, dtype=torch.float32, layouts=("contiguous", "contiguous"), sigma_kind="float",
+        sigma_log=-4.0, sigma_spread=0.0, D=math.inf, spread=0.3, logz=False, needs=(), seed=0))
+
+
 @pytest.mark.parametrize("depth", DEPTHS)
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=[f"{d}-{b}" for d, b in BACKENDS])
 def test_field_target_against_reference(depth, device, backend):
