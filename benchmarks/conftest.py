@@ -102,9 +102,11 @@ def time_providers(fns, device="cpu", rounds=None):
 
 def add_row(*, op, size, provider, mode="forward", median_s, min_s, rounds=None, nbytes=None, flops=None,
             device="cpu", **extra):
-    """One result row (as the ``bench`` fixture writes them, plus ``min_ms`` and ``rounds``)."""
-    row = {"op": op, "size": size, "provider": provider, "mode": mode, "median_ms": median_s * 1e3,
-           "min_ms": min_s * 1e3}
+    """One result row: the median (and, where measured, the min and the number of rounds),
+    the bandwidth or FLOP rate from the median, and any extra fields."""
+    row = {"op": op, "size": size, "provider": provider, "mode": mode, "median_ms": median_s * 1e3}
+    if min_s is not None:
+        row["min_ms"] = min_s * 1e3
     if rounds:
         row["rounds"] = rounds
     if nbytes:
@@ -144,15 +146,8 @@ def bench(request):
             benchmark = request.getfixturevalue("benchmark")  # pytest-benchmark, CPU only
             benchmark.pedantic(fn, rounds=int(os.environ.get("IPFM_BENCH_ROUNDS", 10)), warmup_rounds=2, iterations=1)
             seconds = benchmark.stats.stats.median
-        row = {"op": op, "size": size, "provider": provider, "mode": mode, "median_ms": seconds * 1e3}
-        if nbytes:
-            row["GB/s"] = nbytes / seconds / 1e9
-            if torch.device(device).type == "cuda":
-                row["copy_bw_fraction"] = row["GB/s"] / copy_bandwidth_gbs()
-        if flops:
-            row["TFLOP/s"] = flops / seconds / 1e12
-        row.update(extra)
-        _rows[op].append(row)
+        add_row(op=op, size=size, provider=provider, mode=mode, median_s=seconds, min_s=None, nbytes=nbytes,
+                flops=flops, device=device, **extra)
         return seconds
 
     return run
