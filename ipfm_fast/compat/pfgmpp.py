@@ -83,21 +83,17 @@ class EDMLoss:
     def __call__(self, net, images, labels=None, augment_pipe=None, stf=False, pfgmpp=False, ref_images=None):
         rows = images.shape[0]
         if pfgmpp:
-            D = as_D(self.D)
             self._check_rows(images, "__call__")
-            sigma = (torch.randn(rows, device=images.device) * self.P_std + self.P_mean).exp()
-            if _lsun(self.opts):
-                sigma *= LSUN_SIGMA_FACTOR
-            r = sigma.double() * np.sqrt(D)
-            sigma = sigma.reshape((rows, 1, 1, 1))
-            y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
-            y_n = ipf.perturb(y, sigma, D, clip_beta=resolve_clip(self.clip_beta, D), backend=self.backend)
-        else:
-            sigma = (torch.randn([rows, 1, 1, 1], device=images.device) * self.P_std + self.P_mean).exp()
-            if _lsun(self.opts):
-                sigma *= LSUN_SIGMA_FACTOR
-            y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
-            y_n = ipf.perturb(y, sigma, math.inf, backend=self.backend)
+        # one normal per row either way, drawn as the original draws it (the same generator state after)
+        sigma = (torch.randn(rows, device=images.device) * self.P_std + self.P_mean).exp()
+        if _lsun(self.opts):
+            sigma *= LSUN_SIGMA_FACTOR
+        D = as_D(self.D) if pfgmpp else math.inf
+        r = sigma.double() * np.sqrt(D) if pfgmpp else None
+        sigma = sigma.reshape((rows, 1, 1, 1))
+        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        clip = resolve_clip(self.clip_beta, D) if pfgmpp else None
+        y_n = ipf.perturb(y, sigma, D, clip_beta=clip, backend=self.backend)
         D_yn = net(y_n, sigma, labels, augment_labels=augment_labels)
 
         if stf:
