@@ -9,6 +9,7 @@ import torch
 from ipfm_fast import checkpoint as ckpt
 from ipfm_fast.models import build_denoiser, model_config
 from ipfm_fast.train.common import EMA
+from ipfm_fast.train.flat import FlatParams
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is faster
@@ -66,12 +67,12 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
 def test_training_checkpoint_roundtrip(tmp_path):
     m = _model()
-    ema = EMA(m, 0.9)
+    ema, params = EMA(m, 0.9), FlatParams(m)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     for step in range(3):
         m(torch.randn(4, 1, 4, 4), torch.rand(4) + 0.1).square().mean().backward()
         opt.step()
-        ema.update(m, step)
+        ema.update(params, step)
     g = torch.Generator().manual_seed(5)
     torch.randn(3, generator=g)
     cfg = {"model": model_config("mlp", [1, 4, 4], width=16, depth=1), "D": 128.0}

@@ -11,6 +11,7 @@ from ipfm_fast.data import load_dataset
 from ipfm_fast.models import build_denoiser
 from ipfm_fast.train import common
 from ipfm_fast.train.teacher import TeacherConfig, teacher_loss, train_teacher
+from ipfm_fast.train.flat import FlatParams
 
 TINY = dict(arch="mlp", width=32, depth=1, batch=32, warmup=5, eval_samples=0, log_every=5, device="cpu")
 
@@ -120,7 +121,7 @@ def test_ema_warmup_and_decay():
     assert ema.beta(0) == pytest.approx(0.1) and ema.beta(10**6) == 0.99
     with torch.no_grad():
         m.weight.add_(1.0)
-    ema.update(m, 0)
+    ema.update(FlatParams(m), 0)
     torch.testing.assert_close(ema.model.weight, 0.1 * (m.weight - 1.0) + 0.9 * m.weight)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ipfm_fast._files import replacing
 from ipfm_fast.errors import InvalidInput, MissingFile
+from ipfm_fast.train.flat import FlatParams, ema_step_
 
 # --------------------------------------------------------------------------------------
 # device and precision
@@ -129,33 +130,37 @@ class EMA:
     r"""Exponential moving average of a model's parameters (buffers copied):
     :math:`\bar\theta \leftarrow \beta \bar\theta + (1 - \beta)\theta` with
     :math:`\beta = \min(\text{decay}, (1 + s) / (10 + s))` at step s (a warm-up, so the
-    average is not dominated by the random init in short runs)."""
+    average is not dominated by the random init in short runs). The average's parameters
+    are a :class:`~ipfm_fast.train.flat.FlatParams`, so one update is a pass over one flat
+    buffer; the source is the trained model's FlatParams (the same layout)."""
 
     def __init__(self, model, decay=0.999, warmup=True):
         self.decay = float(decay)
         self.warmup = bool(warmup)
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.flat = FlatParams(self.model)
 
     def beta(self, step):
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model, step, skip=None, weight=None):
-        """One EMA step towards ``model``. ``skip``: an optional 0-dim bool tensor; where it
-        is True the average stays put (decided on the device: no host sync). ``weight``: an
-        optional 0-dim tensor holding 1 - beta(step) (a CUDA graph replays it)."""
-        ema_p = list(self.model.parameters())
-        src_p = [p.detach() for p in model.parameters()]
+    def update(self, source, step, skip=None, weight=None):
+        """One EMA step towards ``source`` (the trained model's :class:`FlatParams`).
+        ``skip``: an optional 0-dim bool tensor; where it is True the average stays put
+        (decided on the device: no host sync). ``weight``: an optional 0-dim tensor
+        holding 1 - beta(step) (a CUDA graph replays it)."""
+        if not isinstance(source, FlatParams):
+            raise InvalidInput(f"EMA.update takes the trained model's FlatParams, got {type(source).__name__} "
+                               "(build ipfm_fast.train.flat.FlatParams(model) once, before training)")
+        if source.layout != self.flat.layout:
+            raise InvalidInput("EMA.update: the source's parameters do not match the average's (another network?)")
+        ema, src = self.flat.data, source.data
         if skip is None and weight is None:
-            torch._foreach_lerp_(ema_p, src_p, 1.0 - self.beta(step))
-        else:  # _foreach_lerp_ would read a tensor weight back to the host
+            ema.lerp_(src, 1.0 - self.beta(step))
+        else:  # not lerp_: its fused multiply-add rounds differently from the update runs have always made
             w = 1.0 - self.beta(step) if weight is None else weight
-            delta = torch._foreach_sub(src_p, ema_p)
-            torch._foreach_mul_(delta, w if skip is None else (~skip).to(delta[0].dtype) * w)
-            torch._foreach_add_(ema_p, delta)
-        for eb, b in zip(self.model.buffers(), model.buffers()):
+            ema_step_(ema, src, w if skip is None else (~skip).to(ema.dtype) * w)
+        for eb, b in zip(self.model.buffers(), source.module.buffers()):
             eb.copy_(b)
 
     def state_dict(self):

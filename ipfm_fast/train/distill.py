@@ -77,6 +77,7 @@ from ipfm_fast.schedules import sample_sigma_distill, sample_sigma_train
 from ipfm_fast.train import common
 from ipfm_fast.train.evaluation import (BestGenerator, SelectionScorer, curve_from_log, evaluate_generator,  # noqa: F401
                                          final_evaluation, generate, generator_file, load_generator)
+from ipfm_fast.train.flat import FlatAdam, FlatParams
 from ipfm_fast.train.knobs import SWITCHES, knob, nonneg_int, parse_D, positive_int, resumable, runtime_knob
 from ipfm_fast.train.parallel import Dist, DistributedRun
 from ipfm_fast.train.runbook import RunBook
@@ -242,8 +243,8 @@ class DistillState:
     fake_fwd: torch.nn.Module
     fake_frozen_fwd: torch.nn.Module
     ema: common.EMA
-    opt_g: torch.optim.Optimizer
-    opt_f: torch.optim.Optimizer
+    opt_g: FlatAdam  # its .flat: the generator's parameters in one buffer (the EMA's source)
+    opt_f: FlatAdam  # its .flat: the fake network's
     D: float
     shape: list
     device: torch.device
@@ -259,8 +260,6 @@ class DistillState:
     capturing: bool = False  # inside CUDA-graph capture: the rngs are seeded before each replay
 
     def __post_init__(self):
-        self.gen_params = [p for p in self.gen_net.parameters() if p.requires_grad]
-        self.fake_params = [p for p in self.fake_net.parameters() if p.requires_grad]
         # 1 - beta(step) of the EMA as a device value (a graph replays it; eager fills it too)
         self.ema_weight = torch.zeros((), device=self.device) if self.graphed else None
 
@@ -305,11 +304,12 @@ def _grad_norm(params, device):
     return torch.nn.utils.get_total_norm(grads, foreach=True)  # one call, not one per tensor
 
 
-def _finish_update(state, params, opt, loss, masked_all=None):
-    """Clip and step, or skip, without a host sync: fused Adam skips the update on the
-    device (its ``found_inf``) when the loss or the gradient norm is not finite or every
-    row was masked, on every process alike. Returns (skipped: 0-dim bool tensor, gradient
-    norm: 0-dim tensor)."""
+def _finish_update(state, opt, loss, masked_all=None):
+    """Clip and step, or skip, without a host sync: the Adam kernel skips the update on
+    the device (its ``found_inf``) when the loss or the gradient norm is not finite or
+    every row was masked, on every process alike. Returns (skipped: 0-dim bool tensor,
+    gradient norm: 0-dim tensor)."""
+    params = opt.flat.params
     norm = _grad_norm(params, state.device)
     bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
     if masked_all is not None:
@@ -320,9 +320,8 @@ def _finish_update(state, params, opt, loss, masked_all=None):
         bad = flag > 0
     if state.cfg.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(params, state.cfg.grad_clip, norm)
-    opt.found_inf = bad.float()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt.step(found_inf=bad.float())
+    opt.zero_grad()
     return bad, norm
 
 
@@ -355,10 +354,10 @@ def fake_step(state, step, k=0):
     """One update of the fake network on fresh generator samples; returns 0-dim device
     tensors {"fake_loss" (mean over this process's micro-batches), "fake_skipped",
     "fake_grad_norm"}."""
-    state.opt_f.zero_grad(set_to_none=True)
+    state.opt_f.zero_grad()
     loss = fake_backward(state, step, k)
     with region("optimizer + EMA"):
-        skipped, norm = _finish_update(state, state.fake_params, state.opt_f, loss)
+        skipped, norm = _finish_update(state, state.opt_f, loss)
     return {"fake_loss": loss, "fake_skipped": skipped, "fake_grad_norm": norm}
 
 
@@ -367,7 +366,7 @@ def generator_backward(state, step):
     generator (teacher and fake parameters frozen; the gradient flows through y and the
     two networks to x). Returns (mean loss, number of masked rows), 0-dim tensors."""
     cfg = state.cfg
-    for p in state.fake_params:
+    for p in state.opt_f.flat.params:
         p.requires_grad_(False)
     total = torch.zeros((), device=state.device)
     masked = torch.zeros((), dtype=torch.long, device=state.device)
@@ -391,7 +390,7 @@ def generator_backward(state, step):
             total += loss.detach()
             masked += n_masked
     finally:
-        for p in state.fake_params:
+        for p in state.opt_f.flat.params:
             p.requires_grad_(True)
     return total / state.accum, masked
 
@@ -399,11 +398,11 @@ def generator_backward(state, step):
 def generator_step(state, step):
     """One generator update; returns 0-dim device tensors {"gen_loss", "masked_rows",
     "gen_skipped", "gen_grad_norm"}."""
-    state.opt_g.zero_grad(set_to_none=True)
+    state.opt_g.zero_grad()
     loss, masked = generator_backward(state, step)
     masked_all = masked >= state.micro * state.accum
     with region("optimizer + EMA"):
-        skipped, norm = _finish_update(state, state.gen_params, state.opt_g, loss, masked_all=masked_all)
+        skipped, norm = _finish_update(state, state.opt_g, loss, masked_all=masked_all)
     return {"gen_loss": loss, "masked_rows": masked, "gen_skipped": skipped, "gen_grad_norm": norm}
 
 
@@ -419,7 +418,7 @@ def train_step(state, step):
     if state.ema_weight is not None and not state.capturing:  # a captured fill would replay a stale beta
         state.ema_weight.fill_(1.0 - state.ema.beta(step))
     with region("optimizer + EMA"):
-        state.ema.update(state.gen_net, step, skip=stats["gen_skipped"], weight=state.ema_weight)
+        state.ema.update(state.opt_g.flat, step, skip=stats["gen_skipped"], weight=state.ema_weight)
     return stats
 
 
@@ -451,8 +450,8 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         for key in st.draw_keys():
             graph.register_generator_state(st.rng(step, *key))
-        st.opt_g.zero_grad(set_to_none=True)  # the captured backward allocates the gradients
-        st.opt_f.zero_grad(set_to_none=True)
+        st.opt_g.zero_grad()  # the captured backward allocates the gradients
+        st.opt_f.zero_grad()
         st.capturing = True
         try:
             with torch.cuda.graph(graph):
@@ -567,11 +566,10 @@ def _build_nets(cfg, teacher, meta, device, dctx, init=None):
     if cfg.cuda_graph and (device.type != "cuda" or dctx.enabled):
         raise InvalidInput("--cuda-graph needs a CUDA device and a single process (DDP's all-reduces are not "
                            f"captured); got device {device} with {dctx.world} process(es)")
-    # fused Adam: one kernel per step on CUDA (a loop of ~10 ops per tensor otherwise, 5x slower on
-    # CPU too) and the only Adam that skips an update on the device (found_inf, see _finish_update)
-    opt_kw = dict(betas=(0.0, cfg.beta2), eps=cfg.eps, fused=True, capturable=bool(cfg.cuda_graph))
-    opt_g = torch.optim.Adam(gen_net.parameters(), lr=cfg.lr, **opt_kw)
-    opt_f = torch.optim.Adam(fake_net.parameters(), lr=cfg.lr_fake or cfg.lr, **opt_kw)
+    # fused Adam (flat.py): one kernel call per step, the only Adam that skips an update on the
+    # device (found_inf, see _finish_update); a CUDA graph captures it as it is
+    opt_g = FlatAdam(FlatParams(gen_net), lr=cfg.lr, betas=(0.0, cfg.beta2), eps=cfg.eps)
+    opt_f = FlatAdam(FlatParams(fake_net), lr=cfg.lr_fake or cfg.lr, betas=(0.0, cfg.beta2), eps=cfg.eps)
     gen_fwd, fake_fwd, fake_frozen_fwd, teacher_fwd = gen_net, fake_net, fake_net, teacher
     if dctx.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP

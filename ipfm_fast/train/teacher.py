@@ -37,6 +37,7 @@ from ipfm_fast.models import build_denoiser, count_params, describe, model_confi
 from ipfm_fast.schedules import sample_sigma_train
 from ipfm_fast.train import common
 from ipfm_fast.train.evaluation import evaluate_denoiser
+from ipfm_fast.train.flat import FlatParams
 from ipfm_fast.train.knobs import INT_LIST, knob, nonneg_int, parse_D, positive_int, resumable, runtime_knob
 from ipfm_fast.train.runbook import RunBook
 
@@ -192,6 +193,7 @@ class TeacherRun:
         self.net.to(self.device).train()
         stack.enter_context(common.num_threads(common.resolve_threads(cfg.threads, self.device,
                                                                       count_params(self.net))))
+        self.params = FlatParams(self.net)  # the EMA's source: the parameters in one buffer
         self.ema = common.EMA(self.net, cfg.ema)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
         self.rng = common.make_rng(self.device, cfg.seed + 1)
@@ -234,7 +236,7 @@ class TeacherRun:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             self.opt.step()
-            self.ema.update(net, step)
+            self.ema.update(self.params, step)
             loss_sum += loss.detach()
             loss_n += 1
             tick = book.tick()

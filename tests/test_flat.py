@@ -1,0 +1,160 @@
+"""Flat training state (ipfm_fast.train.flat): parameters as views of one buffer, Adam
+bitwise equal to torch.optim.Adam(fused=True) with torch's checkpoint format both ways,
+and the one-pass EMA bitwise equal to the torch ops it replaces."""
+
+import copy
+
+import pytest
+import torch
+
+from ipfm_fast.errors import InvalidInput
+from ipfm_fast.models import build_denoiser, model_config
+from ipfm_fast.train.common import EMA
+from ipfm_fast.train.flat import ALIGN, FlatAdam, FlatParams, ema_step_
+
+
+def _unet(seed=0):
+    torch.manual_seed(seed)
+    return build_denoiser(model_config("unet", [1, 8, 8], width=8))
+
+
+def _grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g) for p in params]
+
+
+def test_parameters_become_aligned_views_with_their_values_and_layouts():
+    net = _unet().to(memory_format=torch.channels_last)
+    before = {n: (p.detach().clone(), p.stride()) for n, p in net.named_parameters()}
+    ids = [id(p) for p in net.parameters()]
+    flat = FlatParams(net)
+    assert [id(p) for p in net.parameters()] == ids  # the same Parameter objects (optimizers, DDP)
+    base = flat.data.data_ptr()
+    covered = torch.zeros(flat.data.numel(), dtype=torch.bool)
+    for (n, p), (shape, strides, offset) in zip(net.named_parameters(), flat.layout):
+        value, stride = before[n]
+        assert torch.equal(p, value) and p.stride() == stride  # channels_last weights stay channels_last
+        assert p.untyped_storage().data_ptr() == flat.data.untyped_storage().data_ptr()
+        assert (p.data_ptr() - base) % (ALIGN * 4) == 0 and p.data_ptr() - base == 4 * offset
+        covered[offset:offset + p.numel()] = True
+    assert not flat.data[~covered].any()  # the padding is zero
+    # training through the views: the module and the buffer are one
+    x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([0.3, 1.0, 5.0])
+    net(x, sigma).square().sum().backward()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.sub_(0.1 * p.grad)
+    assert all(torch.equal(p, v) for p, v in zip(net.parameters(), flat.views(flat.data)))
+
+
+def test_mixed_dtypes_and_parameterless_modules_are_refused():
+    mixed = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).double())
+    with pytest.raises(InvalidInput, match="one dtype"):
+        FlatParams(mixed)
+    with pytest.raises(InvalidInput, match="no parameters"):
+        FlatParams(torch.nn.ReLU())
+
+
+def _torch_adam(params, lr=1e-3):
+    return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), eps=1e-8, fused=True)
+
+
+def test_flat_adam_is_bitwise_torch_fused_adam_including_skipped_steps():
+    net, ref = _unet(1), _unet(1)
+    ours, theirs = FlatAdam(FlatParams(net), lr=1e-3, betas=(0.0, 0.999), eps=1e-8), _torch_adam(list(ref.parameters()))
+    for step in range(6):
+        skip = torch.tensor(1.0 if step == 2 else 0.0)
+        for p, q, g in zip(net.parameters(), ref.parameters(), _grads(list(ref.parameters()), step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step(found_inf=skip)
+        theirs.found_inf = skip
+        theirs.step()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    for mine, other in zip(ours.state_dict()["state"].values(), theirs.state_dict()["state"].values()):
+        assert mine.keys() == other.keys() and all(torch.equal(mine[k], other[k]) for k in mine)
+    assert float(ours.steps) == 5  # the skipped step does not count
+    # parameters without a gradient are left alone, as torch leaves them
+    ours.zero_grad()
+    biases = [p for p in net.parameters() if p.dim() == 1]
+    before = [p.detach().clone() for p in biases]
+    for p, g in zip(net.parameters(), _grads(list(net.parameters()), 9)):
+        if p.dim() > 1:
+            p.grad = g
+    ours.step()
+    assert all(torch.equal(p, b) for p, b in zip(biases, before))
+
+
+def test_checkpoints_move_between_torch_adam_and_flat_adam_and_continue_bitwise():
+    """An optimizer state written before the flat buffers (torch.optim.Adam) resumes in
+    FlatAdam, and FlatAdam's state resumes in torch.optim.Adam: both continue identically."""
+    a, b = _unet(2), _unet(2)
+    adam_a = _torch_adam(list(a.parameters()))
+    for step in range(3):
+        for p, g in zip(a.parameters(), _grads(list(a.parameters()), step)):
+            p.grad = g
+        adam_a.step()
+    b.load_state_dict(a.state_dict())
+    adam_b = FlatAdam(FlatParams(b), lr=5.0)  # the hyperparameters come from the state, as in torch
+    adam_b.load_state_dict(adam_a.state_dict())
+    assert adam_b.lr == 1e-3 and adam_b.betas == (0.0, 0.999)
+    c = _unet(3)
+    c.load_state_dict(a.state_dict())
+    adam_c = _torch_adam(list(c.parameters()), lr=7.0)
+    adam_c.load_state_dict(copy.deepcopy(adam_b.state_dict()))  # torch keeps the tensors it is given (so do we)
+    for step in range(3, 5):
+        gs = _grads(list(a.parameters()), step)
+        for p, q, r, g in zip(a.parameters(), b.parameters(), c.parameters(), gs):
+            p.grad, q.grad, r.grad = g.clone(), g.clone(), g.clone()
+        adam_a.step()
+        adam_b.step()
+        adam_c.step()
+    for p, q, r in zip(a.parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r)
+
+
+def test_optimizer_state_of_another_network_is_a_value_error():
+    small = torch.nn.Linear(3, 2)
+    adam = _torch_adam(list(small.parameters()))
+    for p in small.parameters():
+        p.grad = torch.ones_like(p)
+    adam.step()
+    flat = FlatAdam(FlatParams(_unet()), lr=1e-3)
+    with pytest.raises(ValueError, match="parameters"):
+        flat.load_state_dict(adam.state_dict())
+    wide = torch.nn.Linear(3, 4)
+    with pytest.raises(ValueError, match="shape"):
+        FlatAdam(FlatParams(wide), lr=1e-3).load_state_dict(adam.state_dict())
+    fresh = FlatAdam(FlatParams(torch.nn.Linear(3, 2)), lr=1e-3)
+    fresh.load_state_dict(_torch_adam([torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(2))])
+                          .state_dict())  # a state saved before any step: zeros, no step yet
+    assert not fresh.started and fresh.state_dict()["state"] == {}
+
+
+def test_one_pass_ema_step_is_bitwise_the_torch_ops():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 17, 100_003):  # the vector body, its tail, and two threads
+        ema, src = torch.randn(n, generator=g), torch.randn(n, generator=g) * 3
+        for w in (torch.tensor(0.013), torch.tensor(0.0), torch.tensor(1.0)):
+            expected = ema.clone()
+            expected.add_(torch.sub(src, expected).mul_(w))
+            got = ema.clone()
+            ema_step_(got, src, w)
+            assert torch.equal(got, expected), (n, float(w))
+
+
+def test_ema_of_flat_parameters_needs_the_trained_models_flat_parameters():
+    net = _unet(4)
+    ema = EMA(net, 0.9)
+    flat = FlatParams(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    expected = [torch.lerp(e, p, 1 - ema.beta(3)) for e, p in zip(ema.model.parameters(), net.parameters())]
+    ema.update(flat, 3)
+    for e, x in zip(ema.model.parameters(), expected):
+        assert torch.equal(e, x)
+    with pytest.raises(InvalidInput, match="FlatParams"):
+        ema.update(net, 4)
+    with pytest.raises(InvalidInput, match="do not match"):
+        ema.update(FlatParams(torch.nn.Linear(2, 2)), 4)
