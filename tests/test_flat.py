@@ -10,7 +10,7 @@ import torch
 from ipfm_fast.errors import InvalidInput
 from ipfm_fast.models import build_denoiser, model_config
 from ipfm_fast.train.common import EMA
-from ipfm_fast.train.flat import ALIGN, FlatAdam, FlatParams, ema_step_
+from ipfm_fast.train.flat import ALIGN, FlatAdam, FlatParams, ema_step_, grad_norm
 
 
 def _unet(seed=0):
@@ -158,3 +158,31 @@ def test_ema_of_flat_parameters_needs_the_trained_models_flat_parameters():
         ema.update(net, 4)
     with pytest.raises(InvalidInput, match="do not match"):
         ema.update(FlatParams(torch.nn.Linear(2, 2)), 4)
+
+
+def test_gradient_norm_is_the_float64_norm_rounded_for_any_thread_count():
+    g = torch.Generator().manual_seed(3)
+    shapes = [(128, 768), (1,), (3, 5, 7), (2, 3, 4, 5), (100_003,)]  # chunks, tails, a lone element
+    params = [torch.nn.Parameter(torch.empty(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 3
+    params[3].grad = params[3].grad.contiguous(memory_format=torch.channels_last)
+    params.append(torch.nn.Parameter(torch.ones(4)))  # no gradient: not counted
+    exact = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None))
+    got = grad_norm(params)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert torch.equal(got, exact.float())  # the float64 norm, rounded once
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(grad_norm(params), got)
+    finally:
+        torch.set_num_threads(threads)
+    params[2].grad[0, 0, 0] = float("inf")
+    assert grad_norm(params) == float("inf")
+    params[2].grad[0, 0, 0] = float("nan")
+    assert grad_norm(params).isnan()
+    doubles = [torch.nn.Parameter(torch.ones(3, dtype=torch.float64))]  # not float32: torch's norm
+    doubles[0].grad = torch.full((3,), 2.0, dtype=torch.float64)
+    assert float(grad_norm(doubles)) == pytest.approx(12 ** 0.5)
+    assert float(grad_norm([torch.nn.Parameter(torch.ones(2))])) == 0.0

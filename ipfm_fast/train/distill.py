@@ -77,7 +77,7 @@ from ipfm_fast.schedules import sample_sigma_distill, sample_sigma_train
 from ipfm_fast.train import common
 from ipfm_fast.train.evaluation import (BestGenerator, SelectionScorer, curve_from_log, evaluate_generator,  # noqa: F401
                                          final_evaluation, generate, generator_file, load_generator)
-from ipfm_fast.train.flat import FlatAdam, FlatParams
+from ipfm_fast.train.flat import FlatAdam, FlatParams, grad_norm
 from ipfm_fast.train.knobs import SWITCHES, knob, nonneg_int, parse_D, positive_int, resumable, runtime_knob
 from ipfm_fast.train.parallel import Dist, DistributedRun
 from ipfm_fast.train.runbook import RunBook
@@ -297,20 +297,13 @@ def _sync_context(module, last):
     return contextlib.nullcontext()
 
 
-def _grad_norm(params, device):
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=device)
-    return torch.nn.utils.get_total_norm(grads, foreach=True)  # one call, not one per tensor
-
-
 def _finish_update(state, opt, loss, masked_all=None):
     """Clip and step, or skip, without a host sync: the Adam kernel skips the update on
     the device (its ``found_inf``) when the loss or the gradient norm is not finite or
     every row was masked, on every process alike. Returns (skipped: 0-dim bool tensor,
     gradient norm: 0-dim tensor)."""
     params = opt.flat.params
-    norm = _grad_norm(params, state.device)
+    norm = grad_norm(params)
     bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
     if masked_all is not None:
         bad = bad | masked_all

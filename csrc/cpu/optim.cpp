@@ -1,0 +1,83 @@
+// The training loops' per-step passes over a network's parameters and gradients
+// (ipfm_fast.train.flat), each one bandwidth-bound pass where the torch forms make several.
+//
+// ema_step: the skip-aware EMA, ema += (src - ema) * w, over two flat float32 buffers. Each
+// operation rounds to float32 as torch's three ops (sub, mul_, add_) round it, so a run's
+// parameters are bitwise those of the torch form, which makes three passes and a temporary.
+//
+// grad_norm: the 2-norm of a list of float32 tensors in one parallel pass (torch's foreach
+// norm on CPU is one kernel launch per tensor). Squares are summed in double, per chunk of
+// CHUNK elements in 8 independent accumulators; the chunk sums are added in a fixed order,
+// so the result does not depend on the number of threads.
+#pragma GCC optimize("fp-contract=off")  // no fused multiply-add in ema_step: it would round once, not twice
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include <pybind11/stl.h>
+
+#include "cpu_common.h"
+#include "ipfm/registry.h"
+
+namespace ipfm::cpu {
+namespace {
+
+void ema_step(uintptr_t ema_ptr, uintptr_t src_ptr, int64_t n, uintptr_t weight_ptr, int threads) {
+  float* __restrict ema = reinterpret_cast<float*>(ema_ptr);
+  const float* __restrict src = reinterpret_cast<const float*>(src_ptr);
+  const float w = *reinterpret_cast<const float*>(weight_ptr);  // a 0-dim tensor: decided on the device
+  const int nt = threads_for(n, threads);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t i = 0; i < n; ++i) {
+    const float delta = (src[i] - ema[i]) * w;
+    ema[i] = ema[i] + delta;
+  }
+}
+
+constexpr int64_t CHUNK = 16384;
+
+double sum_squares(const float* x, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent lanes: the loop vectorizes without reassociation
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += static_cast<double>(x[i + k]) * static_cast<double>(x[i + k]);
+  for (; i < n; ++i) acc[0] += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+void grad_norm(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& numels, uintptr_t out, int threads) {
+  if (ptrs.size() != numels.size()) throw std::invalid_argument("grad_norm_cpu: one numel per pointer");
+  struct Chunk {
+    const float* x;
+    int64_t n;
+  };
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (size_t t = 0; t < ptrs.size(); ++t) {
+    const float* x = reinterpret_cast<const float*>(ptrs[t]);
+    for (int64_t s = 0; s < numels[t]; s += CHUNK) chunks.push_back({x + s, numels[t] - s < CHUNK ? numels[t] - s : CHUNK});
+    total += numels[t];
+  }
+  std::vector<double> partial(chunks.size());
+  const int nt = threads_for(total, threads);
+  const int64_t count = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t c = 0; c < count; ++c) partial[c] = sum_squares(chunks[c].x, chunks[c].n);
+  double sum = 0.0;
+  for (double p : partial) sum += p;
+  *reinterpret_cast<float*>(out) = static_cast<float>(std::sqrt(sum));
+}
+
+static Registrar registrar([](pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("ema_step_cpu", &ema_step, py::arg("ema"), py::arg("src"), py::arg("n"), py::arg("weight"),
+        py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+        "ema += (src - ema) * weight[0] over n float32 values, rounded as three separate float32 ops");
+  m.def("grad_norm_cpu", &grad_norm, py::arg("ptrs"), py::arg("numels"), py::arg("out"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>(),
+        "out[0] = the 2-norm of the float32 tensors at ptrs (numels elements each), summed in double");
+});
+
+}  // namespace
+}  // namespace ipfm::cpu
