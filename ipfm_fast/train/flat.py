@@ -70,9 +70,9 @@ class FlatParams:
 
 class FlatAdam:
     """Adam (torch.optim.Adam(fused=True)'s kernel, no weight decay) over the parameters of
-    a :class:`FlatParams`: one kernel call per step, no Python per tensor. ``step(found_inf)`` skips the
-    update on the device where ``found_inf`` (a 0-dim float tensor) is 1, as fused Adam
-    does for a GradScaler. :meth:`state_dict` and :meth:`load_state_dict` use
+    a :class:`FlatParams`: one kernel call per step, no Python per tensor.
+    ``step(found_inf)`` skips the update on the device where ``found_inf`` (a 0-dim float
+    tensor) is 1, as fused Adam does for a GradScaler. :meth:`state_dict` and :meth:`load_state_dict` use
     torch.optim.Adam's format (one state entry per parameter), so checkpoints written by
     torch.optim.Adam load here and the other way round."""
 
