@@ -139,6 +139,7 @@ class EMA:
         self.warmup = bool(warmup)
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.flat = FlatParams(self.model)
+        self._source = None  # the FlatParams last checked against the average's layout
 
     def beta(self, step):
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
@@ -149,11 +150,13 @@ class EMA:
         ``skip``: an optional 0-dim bool tensor; where it is True the average stays put
         (decided on the device: no host sync). ``weight``: an optional 0-dim tensor
         holding 1 - beta(step) (a CUDA graph replays it)."""
-        if not isinstance(source, FlatParams):
-            raise InvalidInput(f"EMA.update takes the trained model's FlatParams, got {type(source).__name__} "
-                               "(build ipfm_fast.train.flat.FlatParams(model) once, before training)")
-        if source.layout != self.flat.layout:
-            raise InvalidInput("EMA.update: the source's parameters do not match the average's (another network?)")
+        if source is not self._source:  # checked once per source, not every step
+            if not isinstance(source, FlatParams):
+                raise InvalidInput(f"EMA.update takes the trained model's FlatParams, got {type(source).__name__} "
+                                   "(build ipfm_fast.train.flat.FlatParams(model) once, before training)")
+            if source.layout != self.flat.layout:
+                raise InvalidInput("EMA.update: the source's parameters do not match the average's (another network?)")
+            self._source = source
         ema, src = self.flat.data, source.data
         if skip is None and weight is None:
             ema.lerp_(src, 1.0 - self.beta(step))

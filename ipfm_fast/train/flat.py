@@ -72,9 +72,9 @@ class FlatAdam:
     """Adam (torch.optim.Adam(fused=True)'s kernel, no weight decay) over the parameters of
     a :class:`FlatParams`: one kernel call per step, no Python per tensor.
     ``step(found_inf)`` skips the update on the device where ``found_inf`` (a 0-dim float
-    tensor) is 1, as fused Adam does for a GradScaler. :meth:`state_dict` and :meth:`load_state_dict` use
-    torch.optim.Adam's format (one state entry per parameter), so checkpoints written by
-    torch.optim.Adam load here and the other way round."""
+    tensor) is 1, as fused Adam does for a GradScaler. :meth:`state_dict` and
+    :meth:`load_state_dict` use torch.optim.Adam's format (one state entry per parameter),
+    so checkpoints written by torch.optim.Adam load here and the other way round."""
 
     def __init__(self, flat, lr, betas=(0.9, 0.999), eps=1e-8):
         self.flat = flat
