@@ -4,7 +4,7 @@ import platform
 
 import torch
 
-from ipfm_fast import __version__, _ext, backends
+from ipfm_fast import __version__, _ext, backends, models
 
 
 def collect():
@@ -37,6 +37,7 @@ def collect():
         "extension": build,
         "backends": backends.report(devices),
         "auto": {d: backends.resolve("info", "auto", d, torch.float32) for d in devices},
+        "compiled_cpu_linear": dict(zip(("backend", "reason"), models.linear_backend())),
     }
 
 
@@ -53,6 +54,9 @@ def format_report(info):
                      f"{', '.join(isa['supported'])}; IPFM_FAST_CPU_ISA=avx512|avx2|generic chooses)")
     else:
         lines.append(f"extension ipfm_fast._C: NOT loaded ({ext['error']})")
+    lin = info["compiled_cpu_linear"]
+    lines.append(f"networks' linear layers, compiled on CPU: {lin['backend']} GEMMs ({lin['reason']}; "
+                 f"{models.LINEAR_ENV}=onednn|torch chooses)")
     if info["triton_interpreter"]:
         lines.append("TRITON_INTERPRET=1: Triton kernels run in the interpreter on CPU tensors")
     for device, table in info["backends"].items():

@@ -14,11 +14,14 @@ preconditioning (Karras et al. 2022, table 1), :math:`\sigma_{data} = 0.5`:
     c_{in} = \frac{1}{\sqrt{\sigma^2 + \sigma_d^2}},\ c_{noise} = \tfrac14 \ln\sigma
 
 Raw networks here: :class:`MLPNet` (vector data, any trailing shape flattened) and
-:class:`UNet` (images [B, C, H, W]). :func:`build_denoiser` builds a preconditioned
+:class:`UNet` (images [B, C, H, W]); their linear layers are :class:`Linear` (``nn.Linear``
+whose float32 CPU GEMMs, when compiled, run on oneDNN where MKL would not use the CPU's
+AVX-512). :func:`build_denoiser` builds a preconditioned
 denoiser from a JSON-able config dict, which is what checkpoints store.
 """
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -40,6 +43,95 @@ def _sigma_rows(sigma, x):
         raise InvalidInput(f"denoiser: sigma must be a float or a tensor [B] with B = {x.shape[0]}, "
                            f"got shape {tuple(sigma.shape)}")
     return sigma
+
+
+# --- linear layers: the networks' GEMMs on CPU under torch.compile ---------------------------
+# torch.mm / F.linear run MKL's sgemm, which takes its AVX-512 kernels on Intel CPUs only: on
+# other CPUs with AVX-512 it runs AVX2 code at half the FLOPs a core has, while torch's bundled
+# oneDNN chooses its kernels by instruction set. Only inside compiled graphs: there the routing
+# is free, and the compiled e2e iteration is ~1.15x faster (benchmarks/bench_linear.py); in
+# eager mode an autograd.Function (~8 us a call, ~10 us a backward) and oneDNN's ~10 us a call
+# cost as much as the MLP's small GEMMs gain (docs/results/cpu_isa_17.md), so eager runs stay
+# on F.linear, bit for bit.
+LINEAR_ENV = "IPFM_FAST_LINEAR"
+
+
+def _cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def linear_backend():
+    """(``"onednn"`` or ``"torch"``, why): what :class:`Linear` runs float32 CPU matmuls
+    on inside ``torch.compile``d networks. IPFM_FAST_LINEAR=auto|onednn|torch, read at import."""
+    choice = os.environ.get(LINEAR_ENV, "auto")
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return "torch", "this torch build has no oneDNN linear"
+    if choice in ("onednn", "torch"):
+        return choice, f"{LINEAR_ENV}={choice}"
+    ignored = "" if choice == "auto" else f"{LINEAR_ENV}={choice!r} ignored (auto|onednn|torch); "
+    vendor, isa = _cpu_vendor() or "unknown", torch.backends.cpu.get_cpu_capability()
+    if isa != "AVX512":
+        return "torch", f"{ignored}CPU capability {isa}: MKL and oneDNN run the same instructions"
+    if vendor in ("unknown", "GenuineIntel"):
+        return "torch", f"{ignored}{vendor} CPU: MKL takes its AVX-512 kernels"
+    return "onednn", f"{ignored}{vendor} CPU with AVX-512: MKL would run its AVX2 kernels"
+
+
+# An op of its own, opaque to inductor (whose lowering of mkldnn._linear_pointwise wants frozen,
+# constant weights): x [M, K] @ weight [N, K]^T (+ bias [N]); any strides.
+_LIB = torch.library.Library("ipfm_fast", "FRAGMENT")
+_LIB.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIB.impl("onednn_linear", lambda x, weight, bias: torch.ops.mkldnn._linear_pointwise(
+    x, weight, bias, "none", [], ""), "CPU")
+
+
+@torch.library.register_fake("ipfm_fast::onednn_linear")
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+_onednn_linear = torch.ops.ipfm_fast.onednn_linear.default
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b with its three GEMMs (y, dx = dy W, dW = dy^T x) on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = _onednn_linear(grad, weight.t(), None) if ctx.needs_input_grad[0] else None
+        grad_w = _onednn_linear(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, state dict and eager results) whose float32 CPU GEMMs
+    run on oneDNN inside ``torch.compile``d graphs where :func:`linear_backend` says so
+    (``onednn``, a class attribute; set it on a layer to choose per layer)."""
+
+    onednn = linear_backend()[0] == "onednn"
+
+    def forward(self, x):
+        if (self.onednn and torch.compiler.is_compiling() and x.dtype == self.weight.dtype == torch.float32
+                and x.device.type == "cpu" and x.dim() >= 2 and x.numel() > 0
+                and not torch.is_autocast_enabled("cpu")):
+            y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
 
 
 class EDMPrecond(nn.Module):
@@ -75,7 +167,7 @@ class FourierEmbedding(nn.Module):
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half) / half) * 2 * math.pi * 4
         self.register_buffer("freqs", freqs, persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(2 * half, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(2 * half, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, c_noise):
         ang = c_noise.float()[:, None] * self.freqs[None, :]
@@ -90,14 +182,14 @@ class MLPNet(nn.Module):
         super().__init__()
         emb_dim = emb_dim or width
         self.emb = FourierEmbedding(emb_dim)
-        self.inp = nn.Linear(in_features, width)
+        self.inp = Linear(in_features, width)
         self.blocks = nn.ModuleList()
         for _ in range(depth):
             self.blocks.append(nn.ModuleDict(dict(
-                norm=nn.LayerNorm(width), film=nn.Linear(emb_dim, 2 * width),
-                fc1=nn.Linear(width, 2 * width), fc2=nn.Linear(2 * width, width))))
+                norm=nn.LayerNorm(width), film=Linear(emb_dim, 2 * width),
+                fc1=Linear(width, 2 * width), fc2=Linear(2 * width, width))))
         self.out_norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, in_features)
+        self.out = Linear(width, in_features)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -124,7 +216,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.GroupNorm(_groups(cin), cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.film = nn.Linear(emb_dim, 2 * cout)
+        self.film = Linear(emb_dim, 2 * cout)
         self.norm2 = nn.GroupNorm(_groups(cout), cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
