@@ -49,7 +49,7 @@ def _sigma_rows(sigma, x):
 # torch.mm / F.linear run MKL's sgemm, which takes its AVX-512 kernels on Intel CPUs only: on
 # other CPUs with AVX-512 it runs AVX2 code at half the FLOPs a core has, while torch's bundled
 # oneDNN chooses its kernels by instruction set. Only inside compiled graphs: there the routing
-# is free, and the compiled e2e iteration is ~1.15x faster (benchmarks/bench_linear.py); in
+# is free, and the compiled e2e iteration is 1.1-1.2x faster (benchmarks/bench_linear.py); in
 # eager mode an autograd.Function (~8 us a call, ~10 us a backward) and oneDNN's ~10 us a call
 # cost as much as the MLP's small GEMMs gain (docs/results/cpu_isa_17.md), so eager runs stay
 # on F.linear, bit for bit.
@@ -68,8 +68,8 @@ def _cpu_vendor():
 
 
 def linear_backend():
-    """(``"onednn"`` or ``"torch"``, why): what :class:`Linear` runs float32 CPU matmuls
-    on inside ``torch.compile``d networks. IPFM_FAST_LINEAR=auto|onednn|torch, read at import."""
+    """(``"onednn"`` or ``"torch"``, why): what :class:`Linear` runs float32 CPU GEMMs on
+    inside ``torch.compile``d networks. IPFM_FAST_LINEAR=auto|onednn|torch, read at import."""
     choice = os.environ.get(LINEAR_ENV, "auto")
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return "torch", "this torch build has no oneDNN linear"
@@ -101,7 +101,9 @@ _onednn_linear = torch.ops.ipfm_fast.onednn_linear.default
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b with its three GEMMs (y, dx = dy W, dW = dy^T x) on oneDNN."""
+    """y = x W^T + b and dx = dy W on oneDNN; dW = dy^T x on torch.mm, which reads the
+    transposed operands in place (oneDNN's wrapper copies them: 0.66-0.74x on the small
+    layers, and no faster in the compiled iteration)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -113,15 +115,16 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = _onednn_linear(grad, weight.t(), None) if ctx.needs_input_grad[0] else None
-        grad_w = _onednn_linear(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None
+        grad_w = grad.t().mm(x) if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, state dict and eager results) whose float32 CPU GEMMs
-    run on oneDNN inside ``torch.compile``d graphs where :func:`linear_backend` says so
-    (``onednn``, a class attribute; set it on a layer to choose per layer)."""
+    """``nn.Linear`` (same parameters, state dict and eager results) whose float32 CPU
+    forward and input-gradient GEMMs run on oneDNN inside ``torch.compile``d graphs where
+    :func:`linear_backend` says so (``onednn``, a class attribute; set it on a layer to
+    choose per layer)."""
 
     onednn = linear_backend()[0] == "onednn"
 
