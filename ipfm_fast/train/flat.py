@@ -169,8 +169,9 @@ def grad_norm(params):
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), device=params[0].device if params else "cpu")
-    if (_ext._C is not None and all(g.device.type == "cpu" and g.dtype == torch.float32 for g in grads)
-            and all(_dense_strides(g) is not None for g in grads)):
+    # (is_cpu and is_contiguous first: the general checks cost ~40 us a call on 34 tensors)
+    if _ext._C is not None and all(g.is_cpu and g.dtype is torch.float32
+                                   and (g.is_contiguous() or _dense_strides(g) is not None) for g in grads):
         out = torch.empty((), dtype=torch.float32)
         _ext._C.grad_norm_cpu([g.data_ptr() for g in grads], [g.numel() for g in grads], out.data_ptr(),
                               torch.get_num_threads())
