@@ -210,7 +210,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_setup_args(p)
     p.add_argument("--iters", type=int, default=20, help="iterations per timed round")
-    p.add_argument("--rounds", type=int, default=7, help="timed rounds per loop, interleaved; medians reported")
+    p.add_argument("--rounds", type=int, default=15, help="timed rounds per loop, interleaved; medians reported")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>/distill_step.json)")
     args = p.parse_args(argv)
