@@ -35,7 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from _env import device_name, device_slug, versions  # noqa: E402
-from ipfm_fast.models import Linear, build_denoiser, count_params, model_config  # noqa: E402
+from ipfm_fast import models  # noqa: E402
+from ipfm_fast.models import build_denoiser, count_params, model_config  # noqa: E402
 from baselines import perturb_pfgmpp_style  # noqa: E402
 from ipfm_fast.reference import fake_loss_weight  # noqa: E402
 from ipfm_fast.schedules import sample_sigma_distill, sample_sigma_train  # noqa: E402
@@ -242,9 +243,10 @@ def main(argv=None):
         "reference_host_syncs_per_iteration": syncs["reference"],
         "ipfm_fast_host_syncs_per_iteration": syncs["ipfm_fast"],
         "compiled": fast.state.compiled, "cuda_graph": fast.state.graphed, "channels_last": fast.state.channels_last,
-        # the GEMMs of the networks' linear layers (oneDNN only inside compiled CPU graphs)
-        "ipfm_fast_linear_gemms": ("onednn" if fast.state.compiled and device.type == "cpu" and Linear.onednn
-                                   else "torch"),
+        # the GEMMs of the networks' linear layers (oneDNN only inside compiled CPU graphs; getattr:
+        # this script also times older checkouts, PYTHONPATH=<checkout>, for before/after figures)
+        "ipfm_fast_linear_gemms": ("onednn" if fast.state.compiled and device.type == "cpu"
+                                   and getattr(getattr(models, "Linear", None), "onednn", False) else "torch"),
         "precision": fast.state.precision,
         "device": device_name(), "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "network": {"arch": args.arch, "shape": shape, "parameters": count_params(teacher), "config": cfg},

@@ -9,13 +9,18 @@ Python and launch overhead between ops).
 
 Same network flags as e2e.py. On CPU the shares are of the wall time of the profiled
 iterations (the ops' own time is self CPU time on the calling thread; what no category
-claims is "elsewhere"). On CUDA they are of the GPU's kernel time, and the report adds how
+claims is "elsewhere"); the profiler's per-op cost inflates small ops several-fold, so on
+CPU the report adds the same parts timed by the clock alone, without the profiler
+(``--rounds`` rounds of ``--iters`` iterations, medians): the loop's ranges, every
+``backward()`` call (the networks' and the ops' backward passes together), and the rest. On CUDA they are of the GPU's kernel time, and the report adds how
 long the GPU sat idle within the iterations. Writes
 benchmarks/results/<device>/distill_profile.json and .md.
 """
 
 import argparse
+import contextlib
 import datetime
+import statistics
 import json
 import os
 import sys
@@ -78,11 +83,56 @@ def breakdown(events, device, wall_us):
     return times
 
 
+@contextlib.contextmanager
+def _clocked(totals):
+    """While inside, the loop's ranges (distill.region) and every Tensor.backward call add
+    their perf_counter seconds to ``totals`` (restored on exit)."""
+    @contextlib.contextmanager
+    def clock(name):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
+
+    region, backward = distill.region, torch.Tensor.backward
+
+    def timed_backward(self, *args, **kwargs):
+        with clock("backward (networks and ops)"):
+            return backward(self, *args, **kwargs)
+
+    distill.region, torch.Tensor.backward = clock, timed_backward
+    try:
+        yield
+    finally:
+        distill.region, torch.Tensor.backward = region, backward
+
+
+def clock_parts(state, first, iters, rounds):
+    """{part: median ms per iteration} over ``rounds`` rounds of ``iters`` iterations from
+    step ``first``, by perf_counter alone (CPU): "networks" is their forward passes,
+    "backward (networks and ops)" every backward() call, "rest" the iteration less the parts."""
+    per_round = []
+    for r in range(rounds):
+        totals = {}
+        with _clocked(totals):
+            t0 = time.perf_counter()
+            for step in range(first + r * iters, first + (r + 1) * iters):
+                distill.train_step(state, step)
+            wall = time.perf_counter() - t0
+        parts = {k: v / iters * 1e3 for k, v in totals.items()}
+        parts["rest"] = (wall - sum(totals.values())) / iters * 1e3
+        parts["iteration"] = wall / iters * 1e3
+        per_round.append(parts)
+    return {k: statistics.median(p.get(k, 0.0) for p in per_round) for k in per_round[0]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     e2e.add_setup_args(p)
     p.add_argument("--iters", type=int, default=10, help="profiled iterations")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=9, help="CPU: rounds of --iters iterations timed by the clock alone")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>/distill_profile.json)")
     args = p.parse_args(argv)
     device, teacher, cfg = e2e.setup(args)
@@ -107,6 +157,8 @@ def main(argv=None):
         sync()
         wall_us = (time.perf_counter() - t0) * 1e6
     times = breakdown(prof.events(), device, wall_us)
+    clock = (clock_parts(state, args.warmup + 2 * args.iters, args.iters, args.rounds)
+             if device.type == "cpu" and args.rounds > 0 else None)
     total = sum(times.values())
     shares = {k: v / total for k, v in times.items()}
     per_iter_ms = {k: share * plain_ms for k, share in shares.items()}  # the profiler slows every op down
@@ -115,6 +167,7 @@ def main(argv=None):
         "iteration_ms": plain_ms, "profiled_iteration_ms": wall_us / args.iters / 1e3,
         "shares": shares, "ms_per_iteration": per_iter_ms,
         "gpu_idle_share": (max(wall_us - total, 0.0) / wall_us if device.type == "cuda" else None),
+        "clock_ms_per_iteration": clock,
         "network": {"arch": args.arch, "shape": list(args.shape), "parameters": count_params(teacher), "config": cfg},
         "batch": args.batch, "D": args.D, "precision": state.precision, "compiled": state.compiled,
         "channels_last": state.channels_last, "threads": torch.get_num_threads() if device.type == "cpu" else None,
@@ -144,6 +197,11 @@ def markdown(r):
              "", "| part | share | ms per iteration (share x unprofiled time) |", "|---|---|---|"]
     for k in CATEGORIES:
         lines.append(f"| {k} | {100 * r['shares'][k]:.1f}% | {r['ms_per_iteration'][k]:.2f} |")
+    if r.get("clock_ms_per_iteration"):
+        c = r["clock_ms_per_iteration"]
+        lines += ["", "Timed by the clock alone (no profiler; medians of rounds, ms per iteration):", "",
+                  "| " + " | ".join(c) + " |", "|" + "---|" * len(c), "| " + " | ".join(f"{v:.2f}" for v in c.values())
+                  + " |"]
     if r["gpu_idle_share"] is not None:
         lines += ["", f"The GPU was idle {100 * r['gpu_idle_share']:.1f}% of the profiled iterations' wall time."]
     return "\n".join(lines)

@@ -30,12 +30,18 @@ def test_e2e_bench_smoke(tmp_path, capsys):
 
 def test_profile_breakdown(tmp_path, capsys):
     out = tmp_path / "distill_profile.json"
-    r = profile_step.main(["--iters", "2", "--warmup", "1", "--batch", "8", "--shape", "1", "8", "8", "--width", "16",
-                           "--compile", "off", "--out", str(out)])
+    r = profile_step.main(["--iters", "2", "--warmup", "1", "--rounds", "3", "--batch", "8", "--shape", "1", "8", "8",
+                           "--width", "16", "--compile", "off", "--out", str(out)])
     assert json.loads(out.read_text())["shares"] == r["shares"]
     assert set(r["shares"]) == set(profile_step.CATEGORIES)
     assert sum(r["shares"].values()) == pytest.approx(1.0)
     assert all(r["shares"][k] > 0 for k in ("networks", "ipfm_fast ops", "optimizer + EMA"))
     # (no ordering of the shares: on a tiny network under a loaded machine it is noise)
-    assert (tmp_path / "distill_profile.md").read_text().count("\n| ") == 5
+    clock = r["clock_ms_per_iteration"]  # the same parts by the clock alone: they add up to the iteration
+    assert set(clock) == {"ipfm_fast ops", "networks", "backward (networks and ops)", "optimizer + EMA", "rest",
+                          "iteration"}
+    assert all(clock[k] > 0 for k in ("ipfm_fast ops", "networks", "backward (networks and ops)", "optimizer + EMA"))
+    parts = sum(v for k, v in clock.items() if k != "iteration")
+    assert parts == pytest.approx(clock["iteration"], rel=0.25)  # (medians of each part: not an exact sum)
+    assert (tmp_path / "distill_profile.md").read_text().count("\n| ") == 7
     assert "networks" in capsys.readouterr().out
