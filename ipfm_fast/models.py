@@ -129,7 +129,9 @@ class Linear(nn.Linear):
     onednn = linear_backend()[0] == "onednn"
 
     def forward(self, x):
-        if (self.onednn and torch.compiler.is_compiling() and x.dtype == self.weight.dtype == torch.float32
+        # (not under torch.export: an exported program should not need ipfm_fast to load)
+        if (self.onednn and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+                and x.dtype == self.weight.dtype == torch.float32
                 and x.device.type == "cpu" and x.dim() >= 2 and x.numel() > 0
                 and not torch.is_autocast_enabled("cpu")):
             y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)

@@ -157,7 +157,7 @@ def test_linear_compiled_onednn_matches_float64(monkeypatch, batch_shape, k, n, 
 @needs_onednn
 def test_linear_onednn_only_when_compiled_float32_cpu(monkeypatch):
     """Eager runs are F.linear bit for bit (`make demo` unchanged); compiled float64, bf16
-    autocast and empty batches stay on F.linear too."""
+    autocast, empty batches and torch.export stay on F.linear too."""
     monkeypatch.setattr(models.Linear, "onednn", True)
     torch.manual_seed(0)
     lin = models.Linear(40, 24)
@@ -173,6 +173,8 @@ def test_linear_onednn_only_when_compiled_float32_cpu(monkeypatch):
             return lin(t)
     seen, _ = _graph_ops(autocast_fn, x)
     assert not any("onednn" in s for s in seen), seen
+    exported = torch.export.export(lin, (x,))  # an exported program loads without ipfm_fast
+    assert not any("onednn" in str(n.target) for n in exported.graph.nodes)
     monkeypatch.setattr(models.Linear, "onednn", False)
     seen, _ = _graph_ops(lambda t: lin(t), x)
     assert not any("onednn" in s for s in seen), seen
