@@ -7,8 +7,8 @@
 //
 // grad_norm: the 2-norm of a list of float32 tensors in one parallel pass (torch's foreach
 // norm on CPU is one kernel launch per tensor). Squares are summed in double, per chunk of
-// CHUNK elements in 8 independent accumulators; the chunk sums are added in a fixed order,
-// so the result does not depend on the number of threads.
+// CHUNK elements in LANES independent accumulators; the chunk sums are added in a fixed
+// order, so the result does not depend on the number of threads.
 #pragma GCC optimize("fp-contract=off")  // no fused multiply-add in ema_step: it would round once, not twice
 
 #include <cmath>
@@ -36,7 +36,7 @@ void ema_step(uintptr_t ema_ptr, uintptr_t src_ptr, int64_t n, uintptr_t weight_
 }
 
 constexpr int64_t CHUNK = 16384;
-constexpr int LANES = 32;  // independent sums: four AVX-512 vectors of doubles in flight hide the add latency
+constexpr int LANES = 32;  // independent sums: four AVX-512 vectors of doubles, no add waiting on the last
 
 // The lanes are fixed by the source, not by the vector width, so every clone (and the
 // baseline build) sums in the same order and returns the same bits.

@@ -158,7 +158,7 @@ class EMA:
             if source.layout != self.flat.layout:
                 raise InvalidInput("EMA.update: the source's parameters do not match the average's (another network?)")
             self._source = source
-            self._buffers = list(zip(self.model.buffers(), source.module.buffers()))  # (walking modules: ~10 us)
+            self._buffers = list(zip(self.model.buffers(), source.module.buffers()))  # (walking modules: ~15 us)
         ema, src = self.flat.data, source.data
         if skip is None and weight is None:
             ema.lerp_(src, 1.0 - self.beta(step))
