@@ -28,7 +28,7 @@ from ipfm_fast import models
 OP = "linear"
 BATCH = 128
 LAYERS = [(768, 128), (128, 128), (128, 256), (256, 128), (128, 768)]  # (in, out) of the e2e MLP's layers
-pytestmark = pytest.mark.skipif(HAS_CUDA or models.linear_backend()[1] == "this torch build has no oneDNN linear",
+pytestmark = pytest.mark.skipif(HAS_CUDA or not models.HAS_ONEDNN_LINEAR,
                                 reason="CPU GEMM choice: needs a CPU run and oneDNN")
 set_baseline(OP, "torch")
 onednn = torch.ops.ipfm_fast.onednn_linear.default

@@ -67,11 +67,15 @@ def _cpu_vendor():
     return ""
 
 
+# this torch build has the oneDNN linear op (``mkldnn._linear_pointwise``)
+HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def linear_backend():
     """(``"onednn"`` or ``"torch"``, why): what :class:`Linear` runs float32 CPU GEMMs on
     inside ``torch.compile``d networks. IPFM_FAST_LINEAR=auto|onednn|torch, read at import."""
     choice = os.environ.get(LINEAR_ENV, "auto")
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if not HAS_ONEDNN_LINEAR:
         return "torch", "this torch build has no oneDNN linear"
     if choice in ("onednn", "torch"):
         return choice, f"{LINEAR_ENV}={choice}"

@@ -104,8 +104,7 @@ def test_gradients_flow():
 
 
 # --- Linear: oneDNN GEMMs inside compiled graphs ---------------------------------------------
-needs_onednn = pytest.mark.skipif(models.linear_backend()[1] == "this torch build has no oneDNN linear",
-                                  reason="this torch build has no oneDNN linear")
+needs_onednn = pytest.mark.skipif(not models.HAS_ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
 
 
 def _graph_ops(fn, *args):
