@@ -17,7 +17,7 @@ import ipfm_fast as ipf
 from ipfm_fast import checkpoint as ckpt
 from ipfm_fast.models import build_denoiser, model_config
 from ipfm_fast.schedules import sample_sigma_distill
-from ipfm_fast.train import common
+from ipfm_fast.train import common, host_memory
 from ipfm_fast.train import distill as dl
 from ipfm_fast.train.distill import DistillConfig, build_state, distill
 from ipfm_fast.train.flat import FlatParams
@@ -117,6 +117,8 @@ def test_tiny_run_writes_everything(teacher_dir, tmp_path, monkeypatch):
     from ipfm_fast import metrics
 
     monkeypatch.setattr(metrics, "train_classifier", functools.partial(metrics.train_classifier, steps=20))
+    kept = []
+    monkeypatch.setattr(host_memory, "keep_freed", lambda: kept.append(True))
     out = tmp_path / "run"
     s = distill(DistillConfig(teacher=teacher_dir, out=str(out), steps=6, lr=1e-3, **dict(TINY, eval_every=3),
                               eval_samples=200), log=_quiet)
@@ -131,6 +133,46 @@ def test_tiny_run_writes_everything(teacher_dir, tmp_path, monkeypatch):
     assert x.shape == (5, 1, 8, 8) and torch.equal(x, dl.generate(model, 5, [1, 8, 8], D, sigma_init, seed=0))
     recs = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "gen_loss" in r] == [2, 4, 6]
+    assert kept == [True]  # a CPU run sets the host-memory policy
+
+
+_FAULTS_SCRIPT = """
+import resource, torch
+from ipfm_fast.train import host_memory
+print(host_memory.keep_freed())
+def step():  # a training step's pattern: blocks allocated, filled and all freed again
+    blocks = [torch.ones(1 << 18) for _ in range(10)]
+    del blocks
+torch.ones(1 << 18)  # one freed 1 MiB mmap: glibc's adaptive threshold rises to it
+for _ in range(3):
+    step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 20)
+"""
+
+
+def _page_faults_per_step(policy):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env[host_memory.ENV] = policy
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    return out[0], float(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_kept_host_memory_is_reused_without_page_faults():
+    """With glibc's defaults the freed blocks go back to the kernel (the heap is trimmed) and
+    every step faults ~2,500 fresh pages in; with the training loops' policy none."""
+    said, faults = _page_faults_per_step("default")
+    assert "default" in said
+    if faults < 100:
+        pytest.skip(f"this C library kept the memory by itself ({faults:g} faults a step)")
+    said, kept = _page_faults_per_step("keep")
+    assert "kept for reuse" in said and kept < 0.01 * faults, (kept, faults)
+    with pytest.raises(subprocess.CalledProcessError):
+        _page_faults_per_step("sometimes")  # a bad value: InvalidInput, not silently ignored
 
 
 def test_resume_is_bit_identical(teacher_dir, tmp_path):

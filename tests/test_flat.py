@@ -9,8 +9,9 @@ import torch
 
 from ipfm_fast.errors import InvalidInput
 from ipfm_fast.models import build_denoiser, model_config
+from ipfm_fast.train import host_memory
 from ipfm_fast.train.common import EMA
-from ipfm_fast.train.flat import ALIGN, FlatAdam, FlatParams, ema_step_, grad_norm
+from ipfm_fast.train.flat import ALIGN, FlatAdam, FlatParams, ema_step_, grad_norm, norm_and_skip
 
 
 def _unet(seed=0):
@@ -141,6 +142,21 @@ def test_one_pass_ema_step_is_bitwise_the_torch_ops():
             got = ema.clone()
             ema_step_(got, src, w)
             assert torch.equal(got, expected), (n, float(w))
+            for skip in (torch.tensor(True), torch.tensor(False)):  # the flag read in the kernel
+                expected = ema.clone()
+                expected.add_(torch.sub(src, expected).mul_((~skip).to(torch.float32) * w))
+                got = ema.clone()
+                ema_step_(got, src, w, skip)
+                assert torch.equal(got, expected), (n, float(w), bool(skip))
+    ema, src = torch.tensor([-0.0, 1.0, 2.0]), torch.tensor([-0.0, float("nan"), 3.0])
+    for w in (0.25, torch.tensor(0.25)):  # a number, as the torch ops round a scalar operand; zero keeps its sign
+        for skip in (None, torch.tensor(True), torch.tensor(False)):
+            weight = w if skip is None else (~skip).to(torch.float32) * w
+            expected = ema.clone()
+            expected.add_(torch.sub(src, expected).mul_(weight))
+            got = ema.clone()
+            ema_step_(got, src, w, skip)
+            assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (w, skip)
 
 
 def test_ema_of_flat_parameters_needs_the_trained_models_flat_parameters():
@@ -186,3 +202,62 @@ def test_gradient_norm_is_the_float64_norm_rounded_for_any_thread_count():
     doubles[0].grad = torch.full((3,), 2.0, dtype=torch.float64)
     assert float(grad_norm(doubles)) == pytest.approx(12 ** 0.5)
     assert float(grad_norm([torch.nn.Parameter(torch.ones(2))])) == 0.0
+
+
+def _torch_skip(params, loss, masked=None, rows=None):
+    """distill._finish_update's decision as torch ops (what the one-call kernel replaces)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    return bad | (masked >= rows) if masked is not None else bad
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch-ops"])
+def test_norm_and_skip_decides_as_the_torch_ops(kernel):
+    g = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.empty(s)) for s in [(64, 33), (7,), (100_003,)]]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    if not kernel:  # float64 gradients take the torch path
+        params = [torch.nn.Parameter(p.detach().double()) for p in params]
+        for p, q in zip(params, [torch.randn(p.shape, generator=g) for p in params]):
+            p.grad = q.double()
+    exact = grad_norm(params)
+    cases = []
+    for loss in (torch.tensor(0.5), torch.tensor(float("nan")), torch.tensor(float("inf")), torch.tensor(-0.0)):
+        for masked in (None, torch.tensor(3), torch.tensor(4), torch.tensor(9)):
+            cases.append((loss, masked))
+    for loss, masked in cases:
+        norm, bad, found_inf = norm_and_skip(params, loss, masked, 4)
+        assert torch.equal(norm, exact)
+        assert bad.dtype == torch.bool and found_inf.dtype == torch.float32 and bad.dim() == found_inf.dim() == 0
+        assert bool(bad) == bool(_torch_skip(params, loss, masked, 4)), (float(loss), masked)
+        assert float(found_inf) == float(bad)
+    params[2].grad[17] = float("nan")  # a non-finite gradient: skipped whatever the loss
+    norm, bad, found_inf = norm_and_skip(params, torch.tensor(0.5))
+    assert norm.isnan() and bool(bad) and float(found_inf) == 1.0
+
+
+def test_flat_buffers_are_zeroed_huge_page_aligned_views(monkeypatch):
+    """Buffers of 1 MiB or more start on a 2 MiB boundary where the kernel lends huge pages;
+    every buffer is zeroed and sized as asked, whatever the policy."""
+    for numel, dtype in [(3, torch.float32), (300_000, torch.float32), (1_000_003, torch.float64)]:
+        buf = host_memory.zeros(numel, dtype, "cpu")
+        assert buf.shape == (numel,) and buf.dtype == dtype and buf.is_contiguous() and not buf.any()
+        big = numel * buf.element_size() >= host_memory.HUGE_PAGE_MIN_BYTES
+        if big and host_memory._libc() is not None and host_memory.transparent_huge_pages() in ("madvise", "always"):
+            assert buf.data_ptr() % host_memory.HUGE_PAGE == 0
+        elif not big:
+            assert buf.data_ptr() % 64 == 0  # torch's own alignment
+    monkeypatch.setenv(host_memory.ENV, "default")
+    assert host_memory.zeros(1_000_000, torch.float32, "cpu").data_ptr() % 64 == 0
+    monkeypatch.setenv(host_memory.ENV, "maybe")
+    with pytest.raises(InvalidInput, match="IPFM_FAST_HOST_MEMORY"):
+        host_memory.zeros(1_000_000, torch.float32, "cpu")
+    net = torch.nn.Linear(1024, 512)  # 2 MiB of parameters: the flat buffer and Adam's moments
+    monkeypatch.delenv(host_memory.ENV)
+    flat = FlatParams(net)
+    adam = FlatAdam(flat, lr=1e-3)
+    assert torch.equal(flat.data[:512 * 1024].view(512, 1024), net.weight) and not adam.exp_avg_sq.any()
+    for t in (flat.data, adam.exp_avg, adam.exp_avg_sq):
+        if host_memory._libc() is not None and host_memory.transparent_huge_pages() in ("madvise", "always"):
+            assert t.data_ptr() % host_memory.HUGE_PAGE == 0

@@ -164,7 +164,7 @@ class EMA:
             ema.lerp_(src, 1.0 - self.beta(step))
         else:  # not lerp_: its fused multiply-add rounds differently from the update runs have always made
             w = 1.0 - self.beta(step) if weight is None else weight
-            ema_step_(ema, src, w if skip is None else (~skip).to(ema.dtype) * w)
+            ema_step_(ema, src, w, skip)
         for eb, b in self._buffers:
             eb.copy_(b)
 

@@ -74,10 +74,10 @@ from ipfm_fast.data import save_grid
 from ipfm_fast.errors import InvalidInput, TrainingDiverged
 from ipfm_fast.models import build_denoiser, count_params, describe
 from ipfm_fast.schedules import sample_sigma_distill, sample_sigma_train
-from ipfm_fast.train import common
+from ipfm_fast.train import common, host_memory
 from ipfm_fast.train.evaluation import (BestGenerator, SelectionScorer, curve_from_log, evaluate_generator,  # noqa: F401
                                          final_evaluation, generate, generator_file, load_generator)
-from ipfm_fast.train.flat import FlatAdam, FlatParams, grad_norm
+from ipfm_fast.train.flat import FlatAdam, FlatParams, norm_and_skip
 from ipfm_fast.train.knobs import SWITCHES, knob, nonneg_int, parse_D, positive_int, resumable, runtime_knob
 from ipfm_fast.train.parallel import Dist, DistributedRun
 from ipfm_fast.train.runbook import RunBook
@@ -297,23 +297,35 @@ def _sync_context(module, last):
     return contextlib.nullcontext()
 
 
-def _finish_update(state, opt, loss, masked_all=None):
+def _sum(values):
+    """The sum of 0-dim tensors, from zero in order; one value is itself (no op: the
+    default loop has one micro-batch and one fake update, and each op costs ~5 us here)."""
+    if len(values) == 1:
+        return values[0]
+    total = torch.zeros_like(values[0])
+    for v in values:
+        total += v
+    return total
+
+
+def _mean(values):
+    return values[0] if len(values) == 1 else _sum(values) / len(values)
+
+
+def _finish_update(state, opt, loss, masked=None):
     """Clip and step, or skip, without a host sync: the Adam kernel skips the update on
     the device (its ``found_inf``) when the loss or the gradient norm is not finite or
-    every row was masked, on every process alike. Returns (skipped: 0-dim bool tensor,
-    gradient norm: 0-dim tensor)."""
+    every row was masked (``masked``: this process's masked-row count), on every process
+    alike. Returns (skipped: 0-dim bool tensor, gradient norm: 0-dim tensor)."""
     params = opt.flat.params
-    norm = grad_norm(params)
-    bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
-    if masked_all is not None:
-        bad = bad | masked_all
+    rows = state.micro * state.accum
+    norm, bad, found_inf = norm_and_skip(params, loss, masked, rows)
     if state.dctx.enabled:  # the loss differs between processes (the all-reduced gradient does not)
-        flag = bad.float()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        bad = flag > 0
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        bad = found_inf > 0
     if state.cfg.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(params, state.cfg.grad_clip, norm)
-    opt.step(found_inf=bad.float())
+    opt.step(found_inf=found_inf)
     opt.zero_grad()
     return bad, norm
 
@@ -323,7 +335,7 @@ def fake_backward(state, step, k=0):
     into the fake network, over this process's micro-batches (all-reduced by DDP on the
     last one). Returns the mean loss (a 0-dim tensor)."""
     cfg = state.cfg
-    total = torch.zeros((), device=state.device)
+    losses = []
     for j, micro in enumerate(state.micro_indices()):
         rng = state.rng(step, FAKE_PHASE + k, micro)
         z = state._prior(rng)
@@ -338,9 +350,9 @@ def fake_backward(state, step, k=0):
                 b = state.fake_fwd(y, sigma)
             with region("ipfm_fast ops"):
                 loss = ipf.ipfm_fake_loss(b.float(), x, sigma, backend=cfg.backend)
-            (loss / state.accum).backward()
-        total += loss.detach()
-    return total / state.accum
+            (loss / state.accum if state.accum > 1 else loss).backward()
+        losses.append(loss.detach())
+    return _mean(losses)
 
 
 def fake_step(state, step, k=0):
@@ -361,8 +373,7 @@ def generator_backward(state, step):
     cfg = state.cfg
     for p in state.opt_f.flat.params:
         p.requires_grad_(False)
-    total = torch.zeros((), device=state.device)
-    masked = torch.zeros((), dtype=torch.long, device=state.device)
+    losses, masked = [], []
     try:
         for j, micro in enumerate(state.micro_indices()):
             rng = state.rng(step, GEN_PHASE, micro)
@@ -379,13 +390,13 @@ def generator_backward(state, step):
                 with region("ipfm_fast ops"):
                     loss, n_masked = ipf.ipfm_generator_loss(a.float(), b.float(), x, alpha=cfg.alpha,
                                                              return_masked=True, backend=cfg.backend)
-                (loss / state.accum).backward()
-            total += loss.detach()
-            masked += n_masked
+                (loss / state.accum if state.accum > 1 else loss).backward()
+            losses.append(loss.detach())
+            masked.append(n_masked)
     finally:
         for p in state.opt_f.flat.params:
             p.requires_grad_(True)
-    return total / state.accum, masked
+    return _mean(losses), _sum(masked)
 
 
 def generator_step(state, step):
@@ -393,9 +404,8 @@ def generator_step(state, step):
     "gen_skipped", "gen_grad_norm"}."""
     state.opt_g.zero_grad()
     loss, masked = generator_backward(state, step)
-    masked_all = masked >= state.micro * state.accum
     with region("optimizer + EMA"):
-        skipped, norm = _finish_update(state, state.opt_g, loss, masked_all=masked_all)
+        skipped, norm = _finish_update(state, state.opt_g, loss, masked=masked)
     return {"gen_loss": loss, "masked_rows": masked, "gen_skipped": skipped, "gen_grad_norm": norm}
 
 
@@ -404,9 +414,9 @@ def train_step(state, step):
     moved when the generator update was skipped). Returns 0-dim device tensors: reading
     one is a host sync, which the loop does once per log window (:class:`StepStats`)."""
     fakes = [fake_step(state, step, k) for k in range(state.cfg.fake_steps)]
-    stats = {"fake_loss": sum(f["fake_loss"] for f in fakes) / len(fakes),
-             "fake_skipped": sum(f["fake_skipped"].long() for f in fakes),
-             "fake_grad_norm": sum(f["fake_grad_norm"] for f in fakes) / len(fakes)}
+    stats = {"fake_loss": _mean([f["fake_loss"] for f in fakes]),
+             "fake_skipped": _sum([f["fake_skipped"].long() for f in fakes]),
+             "fake_grad_norm": _mean([f["fake_grad_norm"] for f in fakes])}
     stats.update(generator_step(state, step))
     if state.ema_weight is not None and not state.capturing:  # a captured fill would replay a stale beta
         state.ema_weight.fill_(1.0 - state.ema.beta(step))
@@ -667,6 +677,8 @@ class DistillRun:
                                       device=device, trust_pickle=trust_pickle)
         self.cfg = cfg = st.cfg
         stack.enter_context(common.num_threads(common.resolve_threads(cfg.threads, device, count_params(st.gen_net))))
+        if device.type == "cpu":
+            host_memory.keep_freed()
         self.say(self._header())
         teacher_D = st.teacher_meta.get("D")
         if asked_D is not None and teacher_D is not None and ckpt.decode_D(teacher_D) != float(asked_D) and not resume:

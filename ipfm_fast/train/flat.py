@@ -20,6 +20,7 @@ import torch
 
 from ipfm_fast import _ext
 from ipfm_fast.errors import InvalidInput
+from ipfm_fast.train import host_memory
 
 ALIGN = 16  # elements between view starts, a multiple of: 64 bytes of float32 (vector loads, compiled kernels)
 
@@ -58,14 +59,15 @@ class FlatParams:
             offset += -(-p.numel() // ALIGN) * ALIGN
         self.layout = tuple(layout)
         dtype, device = next(iter(kinds))
-        self.data = torch.zeros(offset, dtype=dtype, device=device)
+        self.data = host_memory.zeros(offset, dtype, device)
         for p, view in zip(self.params, self.views(self.data)):
             view.copy_(p.detach())
             p.data = view
 
     def views(self, flat):
         """One view of ``flat`` (a buffer of this layout) per parameter, with its shape and strides."""
-        return [flat.as_strided(shape, strides, offset) for shape, strides, offset in self.layout]
+        base = flat.storage_offset()  # (as_strided's offset counts from the storage's start, not the view's)
+        return [flat.as_strided(shape, strides, base + offset) for shape, strides, offset in self.layout]
 
 
 class FlatAdam:
@@ -79,8 +81,8 @@ class FlatAdam:
     def __init__(self, flat, lr, betas=(0.9, 0.999), eps=1e-8):
         self.flat = flat
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
-        self.exp_avg = torch.zeros_like(flat.data)
-        self.exp_avg_sq = torch.zeros_like(flat.data)
+        self.exp_avg = host_memory.zeros(flat.data.numel(), flat.data.dtype, flat.data.device)
+        self.exp_avg_sq = host_memory.zeros(flat.data.numel(), flat.data.dtype, flat.data.device)
         self._moments = (flat.views(self.exp_avg), flat.views(self.exp_avg_sq))
         # Adam's t, on the device; one for all parameters (the kernel reads it per tensor), as
         # these networks train every parameter every step
@@ -148,16 +150,35 @@ class FlatAdam:
         self.betas = (float(group["betas"][0]), float(group["betas"][1]))
 
 
-def ema_step_(ema, src, weight):
-    """``ema += (src - ema) * weight`` for flat buffers ``ema``, ``src`` and a 0-dim tensor
-    ``weight`` (no host read). On CPU float32 one pass of the extension's kernel (bitwise the
-    torch ops below: each operation rounded to float32); elsewhere the three torch ops (on
-    CUDA a temporary costs nothing, the caching allocator holds it)."""
+def ema_step_(ema, src, weight, skip=None):
+    """``ema += (src - ema) * w`` for flat buffers ``ema`` and ``src``, with ``w = weight`` (a
+    0-dim tensor, no host read, or a number) times ``~skip`` when ``skip`` (a 0-dim bool
+    tensor) is given. On CPU float32 one pass of the extension's kernel (bitwise the torch
+    ops below: each operation rounded to float32); elsewhere the torch ops (on CUDA a
+    temporary costs nothing, the caching allocator holds it)."""
     if ema.device.type == "cpu" and ema.dtype == torch.float32 and _ext._C is not None:
-        weight = weight.to(torch.float32)
-        _ext._C.ema_step_cpu(ema.data_ptr(), src.data_ptr(), ema.numel(), weight.data_ptr(), torch.get_num_threads())
+        tensor_weight = isinstance(weight, torch.Tensor)
+        if tensor_weight:
+            weight = weight.to(torch.float32)
+        skip = skip.to(torch.bool) if skip is not None else None  # (kept alive across the call)
+        _ext._C.ema_step_cpu(ema.data_ptr(), src.data_ptr(), ema.numel(), weight.data_ptr() if tensor_weight else 0,
+                             0.0 if tensor_weight else float(weight), skip.data_ptr() if skip is not None else 0,
+                             torch.get_num_threads())
     else:
+        if skip is not None:
+            weight = (~skip).to(ema.dtype) * weight
         ema.add_(torch.sub(src, ema).mul_(weight))
+
+
+def _cpu_kernel_grads(params):
+    """The float32 CPU gradients of ``params`` (those that have one) if the extension's kernel
+    can read them all (dense), else None. (is_cpu and is_contiguous first: the general
+    checks cost ~40 us a call on 34 tensors.)"""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and _ext._C is not None and all(g.is_cpu and g.dtype is torch.float32
+                                             and (g.is_contiguous() or _dense_strides(g) is not None) for g in grads):
+        return grads
+    return None
 
 
 def grad_norm(params):
@@ -166,14 +187,38 @@ def grad_norm(params):
     parallel pass of the extension's kernel (squares summed in double: as accurate as the
     float64 norm to float32 rounding, and the same for any thread count); elsewhere torch's
     foreach norm (one fused kernel on CUDA)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=params[0].device if params else "cpu")
-    # (is_cpu and is_contiguous first: the general checks cost ~40 us a call on 34 tensors)
-    if _ext._C is not None and all(g.is_cpu and g.dtype is torch.float32
-                                   and (g.is_contiguous() or _dense_strides(g) is not None) for g in grads):
+    grads = _cpu_kernel_grads(params)
+    if grads is not None:
         out = torch.empty((), dtype=torch.float32)
         _ext._C.grad_norm_cpu([g.data_ptr() for g in grads], [g.numel() for g in grads], out.data_ptr(),
                               torch.get_num_threads())
         return out
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else "cpu")
     return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+
+def norm_and_skip(params, loss, masked=None, rows=None):
+    """The gradient norm and whether to skip the update, decided on the device:
+    ``bad = ~(isfinite(loss) & isfinite(norm))``, or'ed with ``masked >= rows`` when a
+    masked-row count is given. Returns (norm, bad: 0-dim bool, found_inf: bad as a 0-dim
+    float, the fused Adam's skip flag). On CPU with float32 gradients and loss, one call of
+    the norm kernel makes the decision too (the five small torch ops cost more than the
+    pass over the gradients in a training step); elsewhere the torch ops, same values."""
+    grads = _cpu_kernel_grads(params)
+    if (grads is not None and loss.is_cpu and loss.dtype is torch.float32 and loss.dim() == 0
+            and (masked is None or (masked.is_cpu and masked.dtype is torch.int64 and masked.dim() == 0))):
+        norm, found_inf = torch.empty((), dtype=torch.float32), torch.empty((), dtype=torch.float32)
+        bad = torch.empty((), dtype=torch.bool)
+        _ext._C.grad_norm_cpu([g.data_ptr() for g in grads], [g.numel() for g in grads], norm.data_ptr(),
+                              torch.get_num_threads(), loss=loss.data_ptr(),
+                              masked=masked.data_ptr() if masked is not None else 0,
+                              rows=int(rows) if masked is not None else -1, bad=bad.data_ptr(),
+                              found_inf=found_inf.data_ptr())
+        return norm, bad, found_inf
+    norm = grad_norm(params)
+    bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    if masked is not None:
+        bad = bad | (masked >= rows)
+    return norm, bad, bad.float()

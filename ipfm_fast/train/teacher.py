@@ -35,7 +35,7 @@ from ipfm_fast.data import load_dataset, save_grid
 from ipfm_fast.errors import InvalidInput, TrainingDiverged
 from ipfm_fast.models import build_denoiser, count_params, describe, model_config
 from ipfm_fast.schedules import sample_sigma_train
-from ipfm_fast.train import common
+from ipfm_fast.train import common, host_memory
 from ipfm_fast.train.evaluation import evaluate_denoiser
 from ipfm_fast.train.flat import FlatParams
 from ipfm_fast.train.knobs import INT_LIST, knob, nonneg_int, parse_D, positive_int, resumable, runtime_knob
@@ -193,6 +193,8 @@ class TeacherRun:
         self.net.to(self.device).train()
         stack.enter_context(common.num_threads(common.resolve_threads(cfg.threads, self.device,
                                                                       count_params(self.net))))
+        if self.device.type == "cpu":
+            host_memory.keep_freed()
         self.params = FlatParams(self.net)  # the EMA's source: the parameters in one buffer
         self.ema = common.EMA(self.net, cfg.ema)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
