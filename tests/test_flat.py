@@ -11,6 +11,8 @@ from ipfm_fast.errors import InvalidInput
 from ipfm_fast.models import build_denoiser, model_config
 from ipfm_fast.train import host_memory
 from ipfm_fast.train.common import EMA
+from ipfm_fast.testing import cpu_isa, cpu_isa_paths
+from ipfm_fast.train import flat as flat_module
 from ipfm_fast.train.flat import ALIGN, FlatAdam, FlatParams, ema_step_, grad_norm, norm_and_skip
 
 
@@ -84,6 +86,71 @@ def test_flat_adam_is_bitwise_torch_fused_adam_including_skipped_steps():
             p.grad = g
     ours.step()
     assert all(torch.equal(p, b) for p, b in zip(biases, before))
+
+
+@pytest.mark.parametrize("isa", cpu_isa_paths() or ["none"])
+def test_beta1_zero_kernel_with_its_ema_is_bitwise_torch_fused_adam_then_the_ema(isa):
+    """The extension's beta1 = 0 Adam (m read only where a gradient is zero or huge, the EMA in
+    the same pass) against torch's fused Adam followed by the EMA step: same bits for the
+    parameters, both moments, the step count and the EMA, on every instruction-set path,
+    through a skipped step, zero gradients of both signs and a reloaded state."""
+    if isa == "none":
+        pytest.skip("no extension")
+    with cpu_isa(isa):
+        assert flat_module.own_adam_matches_torch()
+        net, ref = _unet(4).to(memory_format=torch.channels_last), _unet(4).to(memory_format=torch.channels_last)
+        ours = FlatAdam(FlatParams(net), lr=3e-3, betas=(0.0, 0.99), eps=1e-8)
+        theirs = torch.optim.Adam(list(ref.parameters()), lr=3e-3, betas=(0.0, 0.99), eps=1e-8, fused=True)
+        ref_flat = FlatParams(ref)
+        ema_ours, ema_ref = torch.zeros_like(ours.flat.data), torch.zeros_like(ref_flat.data)
+        taken = []
+        step_cpu = ours._step_cpu
+        ours._step_cpu = lambda *a: (taken.append(True), step_cpu(*a))
+        for step in range(8):
+            skip = torch.tensor(1.0 if step == 3 else 0.0)
+            grads = [torch.empty_like(p).copy_(g) for p, g in zip(ref.parameters(), _grads(list(ref.parameters()), step))]
+            for g in grads:  # (laid out as their parameters, as autograd makes them)
+                g.as_strided((g.numel(),), (1,))[::3] = 0.0 if step % 2 else -0.0
+            for p, q, g in zip(net.parameters(), ref.parameters(), grads):
+                p.grad, q.grad = g.clone(), g.clone()  # (clone keeps the layout)
+            ours.step(found_inf=skip, ema=(ema_ours, 0.125))
+            theirs.found_inf = skip
+            theirs.step()
+            ema_step_(ema_ref, ref_flat.data, 0.125, skip > 0)
+            if step == 5:  # a state moved through a checkpoint: the next step reads every moment again
+                ours.load_state_dict(copy.deepcopy(ours.state_dict()))
+        assert len(taken) == 8
+        bits = lambda t: t.detach().contiguous().view(torch.int32)  # noqa: E731
+        for p, q in zip(net.parameters(), ref.parameters()):
+            assert torch.equal(bits(p), bits(q))
+        for mine, other in zip(ours.state_dict()["state"].values(), theirs.state_dict()["state"].values()):
+            assert all(torch.equal(bits(mine[k]), bits(other[k])) for k in ("exp_avg", "exp_avg_sq"))
+            assert float(mine["step"]) == float(other["step"]) == 7
+        assert torch.equal(bits(ema_ours), bits(ema_ref))
+
+
+def test_adam_keeps_torchs_kernel_where_the_extensions_does_not_apply(monkeypatch):
+    """beta1 != 0, a gradient laid out unlike its parameter, or a kernel found unequal on this
+    machine: torch's fused Adam, with the same results."""
+    calls = []
+    monkeypatch.setattr(FlatAdam, "_step_cpu", lambda self, *a: calls.append(a))
+    net = _unet(5)
+    adam = FlatAdam(FlatParams(net), lr=1e-3, betas=(0.9, 0.999))
+    for p, g in zip(net.parameters(), _grads(list(net.parameters()), 0)):
+        p.grad = g
+    adam.step()
+    assert not calls and float(adam.steps) == 1
+    adam = FlatAdam(FlatParams(_unet(6).to(memory_format=torch.channels_last)), lr=1e-3, betas=(0.0, 0.999))
+    params = adam.flat.params
+    for p, g in zip(params, _grads(params, 1)):
+        p.grad = g.contiguous()  # 4-d weights: contiguous gradients of channels_last parameters
+    adam.step()
+    assert not calls and float(adam.steps) == 1
+    monkeypatch.setattr(flat_module, "own_adam_matches_torch", lambda: False)
+    for p, g in zip(params, _grads(params, 2)):
+        p.grad = g.contiguous(memory_format=torch.channels_last) if g.dim() == 4 else g
+    adam.step()
+    assert not calls and float(adam.steps) == 2
 
 
 def test_checkpoints_move_between_torch_adam_and_flat_adam_and_continue_bitwise():

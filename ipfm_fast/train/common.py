@@ -151,6 +151,18 @@ class EMA:
         ``skip``: an optional 0-dim bool tensor; where it is True the average stays put
         (decided on the device: no host sync). ``weight``: an optional 0-dim tensor
         holding 1 - beta(step) (a CUDA graph replays it)."""
+        ema, src = self.buffer_for(source), source.data
+        if skip is None and weight is None:
+            ema.lerp_(src, 1.0 - self.beta(step))
+        else:  # not lerp_: its fused multiply-add rounds differently from the update runs have always made
+            w = 1.0 - self.beta(step) if weight is None else weight
+            ema_step_(ema, src, w, skip)
+        self.copy_buffers()
+
+    def buffer_for(self, source):
+        """The average's flat buffer, checked against ``source``'s layout (once per source):
+        what an update fused into the source's optimizer step (FlatAdam.step's ``ema``)
+        moves; :meth:`copy_buffers` then copies the module buffers."""
         if source is not self._source:  # checked once per source, not every step
             if not isinstance(source, FlatParams):
                 raise InvalidInput(f"EMA.update takes the trained model's FlatParams, got {type(source).__name__} "
@@ -159,12 +171,11 @@ class EMA:
                 raise InvalidInput("EMA.update: the source's parameters do not match the average's (another network?)")
             self._source = source
             self._buffers = list(zip(self.model.buffers(), source.module.buffers()))  # (walking modules: ~15 us)
-        ema, src = self.flat.data, source.data
-        if skip is None and weight is None:
-            ema.lerp_(src, 1.0 - self.beta(step))
-        else:  # not lerp_: its fused multiply-add rounds differently from the update runs have always made
-            w = 1.0 - self.beta(step) if weight is None else weight
-            ema_step_(ema, src, w, skip)
+        return self.flat.data
+
+    @torch.no_grad()
+    def copy_buffers(self):
+        """The last source's module buffers (batch-norm statistics...) copied into the average's."""
         for eb, b in self._buffers:
             eb.copy_(b)
 

@@ -312,11 +312,12 @@ def _mean(values):
     return values[0] if len(values) == 1 else _sum(values) / len(values)
 
 
-def _finish_update(state, opt, loss, masked=None):
+def _finish_update(state, opt, loss, masked=None, ema=None):
     """Clip and step, or skip, without a host sync: the Adam kernel skips the update on
     the device (its ``found_inf``) when the loss or the gradient norm is not finite or
     every row was masked (``masked``: this process's masked-row count), on every process
-    alike. Returns (skipped: 0-dim bool tensor, gradient norm: 0-dim tensor)."""
+    alike; ``ema``: (buffer, weight) of an EMA moved in the same step (FlatAdam.step).
+    Returns (skipped: 0-dim bool tensor, gradient norm: 0-dim tensor)."""
     params = opt.flat.params
     rows = state.micro * state.accum
     norm, bad, found_inf = norm_and_skip(params, loss, masked, rows)
@@ -325,7 +326,7 @@ def _finish_update(state, opt, loss, masked=None):
         bad = found_inf > 0
     if state.cfg.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(params, state.cfg.grad_clip, norm)
-    opt.step(found_inf=found_inf)
+    opt.step(found_inf=found_inf, ema=ema)
     opt.zero_grad()
     return bad, norm
 
@@ -399,13 +400,13 @@ def generator_backward(state, step):
     return _mean(losses), _sum(masked)
 
 
-def generator_step(state, step):
-    """One generator update; returns 0-dim device tensors {"gen_loss", "masked_rows",
-    "gen_skipped", "gen_grad_norm"}."""
+def generator_step(state, step, ema=None):
+    """One generator update (and the EMA's, ``ema``: (buffer, weight), in the same pass);
+    returns 0-dim device tensors {"gen_loss", "masked_rows", "gen_skipped", "gen_grad_norm"}."""
     state.opt_g.zero_grad()
     loss, masked = generator_backward(state, step)
     with region("optimizer + EMA"):
-        skipped, norm = _finish_update(state, state.opt_g, loss, masked=masked)
+        skipped, norm = _finish_update(state, state.opt_g, loss, masked=masked, ema=ema)
     return {"gen_loss": loss, "masked_rows": masked, "gen_skipped": skipped, "gen_grad_norm": norm}
 
 
@@ -417,11 +418,13 @@ def train_step(state, step):
     stats = {"fake_loss": _mean([f["fake_loss"] for f in fakes]),
              "fake_skipped": _sum([f["fake_skipped"].long() for f in fakes]),
              "fake_grad_norm": _mean([f["fake_grad_norm"] for f in fakes])}
-    stats.update(generator_step(state, step))
     if state.ema_weight is not None and not state.capturing:  # a captured fill would replay a stale beta
         state.ema_weight.fill_(1.0 - state.ema.beta(step))
+    weight = state.ema_weight if state.ema_weight is not None else 1.0 - state.ema.beta(step)
+    # the EMA moves in the generator's Adam pass (skipped with it): one pass over the parameters, not two
+    stats.update(generator_step(state, step, ema=(state.ema.buffer_for(state.opt_g.flat), weight)))
     with region("optimizer + EMA"):
-        state.ema.update(state.opt_g.flat, step, skip=stats["gen_skipped"], weight=state.ema_weight)
+        state.ema.copy_buffers()
     return stats
 
 

@@ -88,22 +88,69 @@ class FlatAdam:
         # these networks train every parameter every step
         self.steps = torch.zeros((), dtype=torch.float32, device=flat.data.device)
         self.started = False  # torch.optim.Adam has no state before its first step
+        # the extension's beta1 = 0 kernel: the tensors' places in the flat buffers, and whether a
+        # moment may need its old value (set after a state is loaded: the next step reads them all)
+        self._offsets = [offset for _, _, offset in flat.layout]
+        self._numels = [p.numel() for p in flat.params]
+        self._contiguous = [p.is_contiguous() for p in flat.params]
+        self._read_m = torch.ones((), dtype=torch.bool)
 
-    def step(self, found_inf=None):
+    def step(self, found_inf=None, ema=None):
         """One update of the parameters that have a gradient (the others are left alone, as
-        torch.optim.Adam leaves them)."""
-        live = [(p, m, v) for p, m, v in zip(self.flat.params, *self._moments) if p.grad is not None]
-        if not live:
+        torch.optim.Adam leaves them). ``ema``: optionally (buffer, weight), a flat buffer of
+        this layout (an EMA's) moved towards the updated parameters, ``buffer += (p -
+        buffer) * weight`` with weight 0 where ``found_inf`` skips the update (a number or
+        a 0-dim tensor), as :func:`ema_step_` would after the step."""
+        if ema is not None and self._fused(found_inf):
+            self._step_cpu(found_inf, ema)
             return
-        params, m, v = (list(t) for t in zip(*live))
-        grads = [p.grad for p in params]
+        live = [(p, m, v) for p, m, v in zip(self.flat.params, *self._moments) if p.grad is not None]
+        if live:
+            if ema is None and self._fused(found_inf, live):
+                self._step_cpu(found_inf, None)
+                return
+            params, m, v = (list(t) for t in zip(*live))
+            grads = [p.grad for p in params]
+            self.started = True
+            self.steps.add_(1)
+            torch._fused_adam_(params, grads, m, v, [], [self.steps] * len(params), lr=self.lr, beta1=self.betas[0],
+                               beta2=self.betas[1], weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
+                               grad_scale=None, found_inf=found_inf)
+            if found_inf is not None:
+                self.steps.sub_(found_inf)  # a skipped update does not count, as in torch.optim.Adam
+        if ema is not None:
+            ema_step_(ema[0], self.flat.data, ema[1], None if found_inf is None else found_inf > 0)
+
+    def _fused(self, found_inf, live=None):
+        """Whether this step can run as the extension's beta1 = 0 kernel: float32 on CPU,
+        every parameter with a gradient (``live`` given: those that have one) laid out as
+        its parameter, and the kernel found equal to torch's on this machine."""
+        data = self.flat.data
+        if not (self.betas[0] == 0.0 and data.is_cpu and data.dtype is torch.float32 and _ext._C is not None
+                and (found_inf is None or (found_inf.is_cpu and found_inf.dtype is torch.float32))):
+            return False
+        params = self.flat.params
+        if live is not None and len(live) != len(params):
+            return False
+        for p, contiguous in zip(params, self._contiguous):
+            g = p.grad
+            if g is None or not (g.is_contiguous() if contiguous else g.stride() == p.stride()):
+                return False
+        return own_adam_matches_torch()
+
+    def _step_cpu(self, found_inf, ema):
+        buffer, weight = ema if ema is not None else (None, 0.0)
+        tensor_weight = isinstance(weight, torch.Tensor)
+        if tensor_weight:
+            weight = weight.to(torch.float32)
         self.started = True
-        self.steps.add_(1)
-        torch._fused_adam_(params, grads, m, v, [], [self.steps] * len(params), lr=self.lr, beta1=self.betas[0],
-                           beta2=self.betas[1], weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
-                           grad_scale=None, found_inf=found_inf)
-        if found_inf is not None:
-            self.steps.sub_(found_inf)  # a skipped update does not count, as in torch.optim.Adam
+        _ext._C.adam_beta1_zero_cpu(
+            [p.grad.data_ptr() for p in self.flat.params], self._offsets, self._numels,
+            self.flat.data.data_ptr(), self.exp_avg.data_ptr(), self.exp_avg_sq.data_ptr(),
+            buffer.data_ptr() if buffer is not None else 0, weight.data_ptr() if tensor_weight else 0,
+            0.0 if tensor_weight else float(weight), found_inf.data_ptr() if found_inf is not None else 0,
+            self.steps.data_ptr(), self._read_m.data_ptr(), self.lr, self.betas[1], self.eps, _ext._C.adam_isa_cpu(),
+            torch.get_num_threads())
 
     def zero_grad(self):
         for p in self.flat.params:
@@ -148,6 +195,63 @@ class FlatAdam:
             self.steps.copy_(torch.as_tensor(state[ids[0]]["step"], dtype=torch.float32))
         self.lr, self.eps = float(group["lr"]), float(group["eps"])
         self.betas = (float(group["betas"][0]), float(group["betas"][1]))
+        self._read_m.fill_(True)  # the loaded moments may hold values the next step must read
+
+
+_OWN_ADAM = {}  # instruction-set path -> whether the extension's kernel equals torch's here
+
+
+def own_adam_matches_torch():
+    """Whether the extension's beta1 = 0 Adam (csrc/cpu/optim.cpp) gives bitwise torch's CPU
+    fused Adam on this machine and torch build: checked once per instruction-set path on
+    probe tensors (vector bodies and scalar tails, zero and tiny values, several steps, the
+    fused EMA against :func:`ema_step_`). When it does not, FlatAdam keeps torch's kernel."""
+    isa = _ext._C.adam_isa_cpu()
+    if isa not in _OWN_ADAM:
+        _OWN_ADAM[isa] = _probe_own_adam()
+    return _OWN_ADAM[isa]
+
+
+def _probe_own_adam():
+    g = torch.Generator().manual_seed(1234)
+    shapes = [(1,), (7,), (8,), (9,), (3, 11), (40,), (1000,), (2, 16391)]
+    for lr, beta2, scale in ((1e-4, 0.999, 1e-2), (3e-3, 0.99, 1e3), (1e-5, 0.9999, 1e-6)):
+        net = torch.nn.Module()
+        for k, shape in enumerate(shapes):
+            net.register_parameter(f"p{k}", torch.nn.Parameter(torch.randn(shape, generator=g) * 1e-3))
+        ours = FlatAdam(FlatParams(net), lr=lr, betas=(0.0, beta2))
+        params = [p.detach().clone() for p in ours.flat.params]
+        m = [torch.zeros_like(p) for p in params]
+        v = [torch.zeros_like(p) for p in params]
+        steps = torch.zeros(())
+        ema_ours = torch.zeros_like(ours.flat.data)  # an EMA buffer: zero padding between the views, as in use
+        for view in ours.flat.views(ema_ours):
+            view.copy_(torch.randn(view.shape, generator=g) * 1e-3)
+        ema_ref = ema_ours.clone()
+        ref_flat = ours.flat.data.clone()
+        for step in range(4):
+            grads = [torch.randn(p.shape, generator=g) * scale for p in params]
+            for grad in grads:  # zeros of both signs: the old moment's sign decides the new one's
+                grad.view(-1)[::5] = 0.0
+                grad.view(-1)[1::7] = -0.0
+            for p, grad in zip(ours.flat.params, grads):
+                p.grad = grad.clone()
+            found = torch.tensor(float(step == 2))
+            ours._step_cpu(found, (ema_ours, 0.25))  # (not step(): that asks this probe)
+            steps.add_(1)
+            torch._fused_adam_(params, grads, m, v, [], [steps] * len(params), lr=lr, beta1=0.0, beta2=beta2,
+                               weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False, grad_scale=None,
+                               found_inf=found)
+            steps.sub_(found)
+            for view, p in zip(ours.flat.views(ref_flat), params):
+                view.copy_(p)
+            ema_step_(ema_ref, ref_flat, 0.25, found > 0)
+            for a, b in [(ours.flat.params, params), (ours._moments[0], m), (ours._moments[1], v)]:
+                if not all(torch.equal(x.detach().view(torch.int32), y.view(torch.int32)) for x, y in zip(a, b)):
+                    return False
+            if not (torch.equal(ema_ours.view(torch.int32), ema_ref.view(torch.int32)) and torch.equal(ours.steps, steps)):
+                return False
+    return True
 
 
 def ema_step_(ema, src, weight, skip=None):
