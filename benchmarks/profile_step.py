@@ -39,6 +39,11 @@ import ipfm_fast  # noqa: E402, F401  (registers every op Function in _op.FUNCTI
 from ipfm_fast.ops import _op  # noqa: E402
 from ipfm_fast.train import distill  # noqa: E402
 
+try:
+    from ipfm_fast.train import host_memory  # noqa: E402
+except ImportError:  # an older checkout run by PYTHONPATH (before/after comparisons)
+    host_memory = None
+
 LABEL = distill.PROFILE_LABEL  # the loop's own profiler ranges (distill.region)
 CATEGORIES = ("networks", "ipfm_fast ops", "optimizer + EMA", "elsewhere")
 # the autograd nodes of the ops' autograd.Functions (their backward passes run by the engine)
@@ -136,6 +141,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>/distill_profile.json)")
     args = p.parse_args(argv)
     device, teacher, cfg = e2e.setup(args)
+    if device.type == "cpu" and host_memory is not None:
+        host_memory.keep_freed()  # as ipfm-fast distill runs (older checkouts run by PYTHONPATH have none)
     state = e2e.ipfm_fast_state(teacher, cfg, args, device)
     for step in range(args.warmup):
         distill.train_step(state, step)
