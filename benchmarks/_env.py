@@ -47,3 +47,17 @@ def versions():
     except (OSError, subprocess.CalledProcessError):
         pass
     return info
+
+
+def write_result(result, out, markdown):
+    """``result`` as JSON at ``out`` and ``markdown`` (its table) beside it as .md; prints both."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(markdown + "\n")
+    print(markdown)
+    print(f"-> {out}")

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import datetime
 import statistics
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import e2e  # noqa: E402
-from _env import device_name, device_slug, versions  # noqa: E402
+from _env import device_name, device_slug, versions, write_result  # noqa: E402
 from ipfm_fast.models import count_params  # noqa: E402
 import ipfm_fast  # noqa: E402, F401  (registers every op Function in _op.FUNCTIONS)
 from ipfm_fast.ops import _op  # noqa: E402
@@ -182,14 +181,7 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/profile_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = args.out or os.path.join(HERE, "results", device_slug(), "distill_profile.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(markdown(result) + "\n")
-    print(markdown(result))
-    print(f"-> {out}")
+    write_result(result, args.out or os.path.join(HERE, "results", device_slug(), "distill_profile.json"), markdown(result))
     return result
 
 

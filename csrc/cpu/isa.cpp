@@ -14,11 +14,12 @@ namespace {
 
 const SimdKernels kGeneric = {Isa::kGeneric, "generic", generic::randn4, generic::randn4_sq, generic::sq_terms,
                               generic::apply_f32, generic::screen, generic::combine,
-                              FieldTiles{2, 4, 24, 512, 8}};
+                              FieldTiles{2, 4, 24, 512, 8}, nullptr, 0};
 const SimdKernels kAvx2 = {Isa::kAvx2, "avx2", avx2::randn4, avx2::randn4_sq, avx2::sq_terms, avx2::apply_f32,
-                           avx2::screen, avx2::combine, avx2::kTiles};
+                           avx2::screen, avx2::combine, avx2::kTiles, avx2::adam_body, 8};
 const SimdKernels kAvx512 = {Isa::kAvx512, "avx512", avx512::randn4, avx512::randn4_sq, avx512::sq_terms,
-                             avx512::apply_f32, avx512::screen, avx512::combine, avx512::kTiles};
+                             avx512::apply_f32, avx512::screen, avx512::combine, avx512::kTiles, avx512::adam_body,
+                             16};
 
 bool cpu_has(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)

@@ -36,6 +36,12 @@ struct FieldTiles {
                    // into the accumulation-chain length of the error bound
 };
 
+// Adam with beta1 = 0 (optim.cpp): the float32 coefficients, as torch's fused Adam casts them.
+struct AdamCoef {
+  float lr, b2, c2, bc2s, eps;  // lr / (1 - 0^t) = lr, beta2, 1 - beta2, sqrt(1 - beta2^t), eps
+  float ema_w;                  // weight of the EMA moved in the same pass (0 when the update is skipped)
+};
+
 struct SimdKernels {
   Isa isa;
   const char* name;
@@ -59,7 +65,18 @@ struct SimdKernels {
   void (*combine)(const float* wt, const int32_t* js, int64_t nnz, int64_t rows, const float* x, int64_t xs,
                   int64_t c0, int64_t c1, float* out, int64_t os);
   FieldTiles tiles;
+  // Adam, beta1 = 0, torch's vector-body rounding on elements [i0, i1) (multiples of width; m
+  // aligned to a vector): the first moment read only where read_m or a gradient is zero or
+  // huge, written non-temporally; ema (may be null) moved towards the new parameters.
+  // Returns whether a huge gradient was seen. Null on the generic path.
+  bool (*adam_body)(float* p, const float* g, float* m, float* v, float* ema, int64_t i0, int64_t i1,
+                    const AdamCoef& c, bool read_m);
+  int width;  // floats per vector (0: generic)
 };
+
+// Gradients at or above this magnitude (or NaN) make the Adam kernels read the old first
+// moment: below it g - m stays finite, so fma(0, g - m, g) is g but for the sign of a zero.
+constexpr float kAdamBigGrad = 8.5e37f;
 
 // The path in use (decided at the first call: IPFM_FAST_CPU_ISA, then what the CPU has).
 const SimdKernels& simd();
@@ -92,6 +109,8 @@ void combine(const float* wt, const int32_t* js, int64_t nnz, int64_t rows, cons
               int64_t k1, float* st, int64_t ldst, float* ypack);                                                  \
   void combine(const float* wt, const int32_t* js, int64_t nnz, int64_t rows, const float* x, int64_t xs,          \
                int64_t c0, int64_t c1, float* out, int64_t os);                                                    \
+  bool adam_body(float* p, const float* g, float* m, float* v, float* ema, int64_t i0, int64_t i1,                 \
+                 const AdamCoef& c, bool read_m);                                                                  \
   extern const FieldTiles kTiles;                                                                                  \
   }
 IPFM_DECLARE_SIMD(avx2)

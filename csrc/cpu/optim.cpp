@@ -23,7 +23,7 @@
 // (ipfm_fast.train.flat checks the two against each other at run time before using this one).
 #pragma GCC optimize("fp-contract=off")  // no fused multiply-add but the written ones: each rounding as torch's
 
-#include <immintrin.h>
+#include <immintrin.h>  // _mm_sfence
 
 #include <cmath>
 #include <cstdint>
@@ -116,16 +116,6 @@ void grad_norm(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& n
 // Adam, beta1 = 0
 // ---------------------------------------------------------------------------------------
 
-struct AdamCoef {
-  float lr, b2, c2, bc2s, eps;  // lr / (1 - 0^t) = lr, beta2, 1 - beta2, sqrt(1 - beta2^t), eps: float32 as torch casts them
-  float ema_w;                  // the EMA weight (0 when the update is skipped)
-};
-
-// A gradient whose first moment needs the old one: a zero (the sign of the result depends on
-// it) or one so large that g - m could overflow (then 0 * (g - m) is not a zero). Larger
-// moments are tracked (big_m) so that the next step reads them too.
-constexpr float kBigGrad = 8.5e37f;  // < FLT_MAX / 2 + margin: |g - m| stays finite below it
-
 // torch's vector body: exp_avg = fma(w - 1, g - m, g) with w = 1 - beta1 = 1 (its lerp),
 // exp_avg_sq = fma(c2 g, g, v b2), p -= (lr m) / (sqrt(v) / bc2s + eps)
 inline void body_element(float* p, const float* g, float* m, float* v, float* ema, int64_t i, const AdamCoef& c) {
@@ -150,79 +140,18 @@ inline void tail_element(float* p, const float* g, float* m, float* v, float* em
   if (ema) ema[i] = ema[i] + (pi - ema[i]) * c.ema_w;
 }
 
-// Elements [i0, i1) of a tensor's body, 16 at a time (i0, i1 multiples of 16; m 64-byte
-// aligned); returns whether a huge moment was written.
-__attribute__((target("avx512f,avx512dq,fma"))) bool body_avx512(float* p, const float* g, float* m, float* v,
-                                                                 float* ema, int64_t i0, int64_t i1,
-                                                                 const AdamCoef& c, bool read_m) {
-  const __m512 lr = _mm512_set1_ps(c.lr), b2 = _mm512_set1_ps(c.b2), c2 = _mm512_set1_ps(c.c2);
-  const __m512 bc2s = _mm512_set1_ps(c.bc2s), eps = _mm512_set1_ps(c.eps), w = _mm512_set1_ps(c.ema_w);
-  const __m512 zero = _mm512_setzero_ps(), big = _mm512_set1_ps(kBigGrad);
-  __mmask16 huge = 0;
-  for (int64_t i = i0; i < i1; i += 16) {
-    const __m512 gv = _mm512_loadu_ps(g + i);
-    const __mmask16 h = _mm512_cmp_ps_mask(_mm512_abs_ps(gv), big, _CMP_NLE_UQ);  // huge or NaN
-    const __mmask16 need = read_m ? __mmask16(0xFFFF) : __mmask16(_mm512_cmp_ps_mask(gv, zero, _CMP_EQ_OQ) | h);
-    huge |= h;
-    __m512 mv = gv;
-    if (need) mv = _mm512_mask_mov_ps(gv, need, _mm512_fmadd_ps(zero, _mm512_sub_ps(gv, _mm512_load_ps(m + i)), gv));
-    const __m512 vv = _mm512_fmadd_ps(_mm512_mul_ps(c2, gv), gv, _mm512_mul_ps(_mm512_loadu_ps(v + i), b2));
-    const __m512 den = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vv), bc2s), eps);
-    const __m512 pv = _mm512_sub_ps(_mm512_loadu_ps(p + i), _mm512_div_ps(_mm512_mul_ps(lr, mv), den));
-    _mm512_storeu_ps(p + i, pv);
-    _mm512_storeu_ps(v + i, vv);
-    _mm512_stream_ps(m + i, mv);
-    if (ema) {
-      const __m512 e = _mm512_loadu_ps(ema + i);
-      _mm512_storeu_ps(ema + i, _mm512_add_ps(e, _mm512_mul_ps(_mm512_sub_ps(pv, e), w)));
-    }
-  }
-  return huge != 0;
-}
-
-// The same 8 at a time (i0, i1 multiples of 8; m 32-byte aligned).
-__attribute__((target("avx2,fma"))) bool body_avx2(float* p, const float* g, float* m, float* v, float* ema,
-                                                   int64_t i0, int64_t i1, const AdamCoef& c, bool read_m) {
-  const __m256 lr = _mm256_set1_ps(c.lr), b2 = _mm256_set1_ps(c.b2), c2 = _mm256_set1_ps(c.c2);
-  const __m256 bc2s = _mm256_set1_ps(c.bc2s), eps = _mm256_set1_ps(c.eps), w = _mm256_set1_ps(c.ema_w);
-  const __m256 zero = _mm256_setzero_ps(), big = _mm256_set1_ps(kBigGrad);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  int huge = 0;
-  for (int64_t i = i0; i < i1; i += 8) {
-    const __m256 gv = _mm256_loadu_ps(g + i);
-    const __m256 h = _mm256_cmp_ps(_mm256_and_ps(gv, abs_mask), big, _CMP_NLE_UQ);
-    const __m256 need = read_m ? _mm256_castsi256_ps(_mm256_set1_epi32(-1))
-                               : _mm256_or_ps(_mm256_cmp_ps(gv, zero, _CMP_EQ_OQ), h);
-    huge |= _mm256_movemask_ps(h);
-    __m256 mv = gv;
-    if (_mm256_movemask_ps(need))
-      mv = _mm256_blendv_ps(gv, _mm256_fmadd_ps(zero, _mm256_sub_ps(gv, _mm256_load_ps(m + i)), gv), need);
-    const __m256 vv = _mm256_fmadd_ps(_mm256_mul_ps(c2, gv), gv, _mm256_mul_ps(_mm256_loadu_ps(v + i), b2));
-    const __m256 den = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vv), bc2s), eps);
-    const __m256 pv = _mm256_sub_ps(_mm256_loadu_ps(p + i), _mm256_div_ps(_mm256_mul_ps(lr, mv), den));
-    _mm256_storeu_ps(p + i, pv);
-    _mm256_storeu_ps(v + i, vv);
-    _mm256_stream_ps(m + i, mv);
-    if (ema) {
-      const __m256 e = _mm256_loadu_ps(ema + i);
-      _mm256_storeu_ps(ema + i, _mm256_add_ps(e, _mm256_mul_ps(_mm256_sub_ps(pv, e), w)));
-    }
-  }
-  return huge != 0;
-}
-
 constexpr int64_t kAdamPiece = 16384;  // elements per work item (a multiple of 16)
 
 // One step over the tensors of a flat layout: p, m, v (and ema) are flat buffers, each
 // tensor at offsets[t] with numels[t] elements; grads[t] its gradient. found_inf[0] == 1
 // skips the update (the EMA still runs, with weight 0, as the unfused loop runs it); else
 // steps[0] += 1 first (torch.optim.Adam's t). big_m[0]: a huge moment was written (the next
-// step reads every moment). isa: 2 AVX-512, 1 AVX2, 0 scalar.
+// step reads every moment: a gradient at or above kAdamBigGrad was seen). The vector body runs on
+// the CPU kernels' instruction-set path (isa.h simd()), the rest element by element.
 void adam_beta1_zero(const std::vector<uintptr_t>& grads, const std::vector<int64_t>& offsets,
                      const std::vector<int64_t>& numels, uintptr_t p_ptr, uintptr_t m_ptr, uintptr_t v_ptr,
                      uintptr_t ema_ptr, uintptr_t ema_weight_ptr, double ema_weight, uintptr_t found_inf_ptr,
-                     uintptr_t steps_ptr, uintptr_t big_m_ptr, double lr, double beta2, double eps, int isa,
-                     int threads) {
+                     uintptr_t steps_ptr, uintptr_t big_m_ptr, double lr, double beta2, double eps, int threads) {
   if (grads.size() != offsets.size() || grads.size() != numels.size())
     throw std::invalid_argument("adam_beta1_zero_cpu: one offset and numel per gradient");
   float* p = reinterpret_cast<float*>(p_ptr);
@@ -257,7 +186,8 @@ void adam_beta1_zero(const std::vector<uintptr_t>& grads, const std::vector<int6
       pieces.push_back({static_cast<int64_t>(t), s, std::min(numels[t], s + kAdamPiece)});
     total += numels[t];
   }
-  const int width = isa == 2 ? 16 : isa == 1 ? 8 : 0;
+  const SimdKernels& K = simd();
+  const int width = K.width;
   bool huge = false;
   const int nt = threads_for(total, threads);
   const int64_t count = static_cast<int64_t>(pieces.size());
@@ -275,17 +205,16 @@ void adam_beta1_zero(const std::vector<uintptr_t>& grads, const std::vector<int6
     if (width && reinterpret_cast<uintptr_t>(mt) % (4 * width) == 0) {
       const int64_t vend = std::min(pc.i1, n8 - n8 % width);
       if (vend > i) {
-        huge = (width == 16 ? body_avx512(pt, gt, mt, vt, et, i, vend, c, read_m)
-                            : body_avx2(pt, gt, mt, vt, et, i, vend, c, read_m)) || huge;
+        huge = K.adam_body(pt, gt, mt, vt, et, i, vend, c, read_m) || huge;
         i = vend;
       }
     }
     for (; i < std::min(pc.i1, n8); ++i) {
-      huge = huge || !(std::fabs(gt[i]) <= kBigGrad);
+      huge = huge || !(std::fabs(gt[i]) <= kAdamBigGrad);
       body_element(pt, gt, mt, vt, et, i, c);
     }
     for (; i < pc.i1; ++i) {
-      huge = huge || !(std::fabs(gt[i]) <= kBigGrad);
+      huge = huge || !(std::fabs(gt[i]) <= kAdamBigGrad);
       tail_element(pt, gt, mt, vt, et, i, c);
     }
     if (width) _mm_sfence();  // the non-temporal stores are seen before anything reads m
@@ -313,11 +242,9 @@ static Registrar registrar([](pybind11::module_& m) {
   m.def("adam_beta1_zero_cpu", &adam_beta1_zero, py::arg("grads"), py::arg("offsets"), py::arg("numels"), py::arg("p"),
         py::arg("m"), py::arg("v"), py::arg("ema"), py::arg("ema_weight_ptr"), py::arg("ema_weight"),
         py::arg("found_inf"), py::arg("steps"), py::arg("big_m"), py::arg("lr"), py::arg("beta2"), py::arg("eps"),
-        py::arg("isa"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
         "One Adam step with beta1 = 0 over a flat layout, the rounding of torch's CPU fused Adam, optionally the EMA "
         "of the updated parameters in the same pass (see csrc/cpu/optim.cpp)");
-  m.def("adam_isa_cpu", []() { return static_cast<int>(simd().isa); },
-        "the instruction-set path adam_beta1_zero_cpu should take: 2 AVX-512, 1 AVX2, 0 scalar");
 });
 
 }  // namespace

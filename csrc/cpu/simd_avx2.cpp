@@ -33,6 +33,11 @@ inline __attribute__((always_inline)) vu xor3(vu a, vu b, vu c) { return a ^ b ^
 
 inline __attribute__((always_inline)) vf vsqrt(vf a) { return (vf)_mm256_sqrt_ps((__m256)a); }
 
+inline __attribute__((always_inline)) vf vfma(vf a, vf b, vf c) {
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+}
+inline __attribute__((always_inline)) void stream(float* p, vf v) { _mm256_stream_ps(p, (__m256)v); }
+
 inline __attribute__((always_inline)) vf bcast_f(float s) { return (vf)_mm256_set1_ps(s); }
 inline __attribute__((always_inline)) vu bcast_u(uint32_t s) { return (vu)_mm256_set1_epi32(static_cast<int>(s)); }
 

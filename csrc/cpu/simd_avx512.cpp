@@ -40,6 +40,11 @@ inline __attribute__((always_inline)) vu xor3(vu a, vu b, vu c) {
 
 inline __attribute__((always_inline)) vf vsqrt(vf a) { return (vf)_mm512_sqrt_ps((__m512)a); }
 
+inline __attribute__((always_inline)) vf vfma(vf a, vf b, vf c) {
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+inline __attribute__((always_inline)) void stream(float* p, vf v) { _mm512_stream_ps(p, (__m512)v); }
+
 inline __attribute__((always_inline)) vf bcast_f(float s) { return (vf)_mm512_set1_ps(s); }
 inline __attribute__((always_inline)) vu bcast_u(uint32_t s) { return (vu)_mm512_set1_epi32(static_cast<int>(s)); }
 

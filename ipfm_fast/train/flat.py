@@ -149,8 +149,7 @@ class FlatAdam:
             self.flat.data.data_ptr(), self.exp_avg.data_ptr(), self.exp_avg_sq.data_ptr(),
             buffer.data_ptr() if buffer is not None else 0, weight.data_ptr() if tensor_weight else 0,
             0.0 if tensor_weight else float(weight), found_inf.data_ptr() if found_inf is not None else 0,
-            self.steps.data_ptr(), self._read_m.data_ptr(), self.lr, self.betas[1], self.eps, _ext._C.adam_isa_cpu(),
-            torch.get_num_threads())
+            self.steps.data_ptr(), self._read_m.data_ptr(), self.lr, self.betas[1], self.eps, torch.get_num_threads())
 
     def zero_grad(self):
         for p in self.flat.params:
@@ -206,7 +205,7 @@ def own_adam_matches_torch():
     fused Adam on this machine and torch build: checked once per instruction-set path on
     probe tensors (vector bodies and scalar tails, zero and tiny values, several steps, the
     fused EMA against :func:`ema_step_`). When it does not, FlatAdam keeps torch's kernel."""
-    isa = _ext._C.adam_isa_cpu()
+    isa = _ext._C.cpu_isa()
     if isa not in _OWN_ADAM:
         _OWN_ADAM[isa] = _probe_own_adam()
     return _OWN_ADAM[isa]
