@@ -45,3 +45,26 @@ def test_profile_breakdown(tmp_path, capsys):
     assert parts == pytest.approx(clock["iteration"], rel=0.25)  # (medians of each part: not an exact sum)
     assert (tmp_path / "distill_profile.md").read_text().count("\n| ") == 7
     assert "networks" in capsys.readouterr().out
+
+
+def test_compare_checkouts_runs_each_variant_in_its_processes(tmp_path, capsys):
+    """The tree against itself as a "checkout" (and without the host-memory policy): one
+    process per variant per alternation, the parts and the paired change reported."""
+    import compare_checkouts
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "checkouts.json"
+    r = compare_checkouts.main(["--compile", "off", "--checkout", f"self={root}", "--default-memory",
+                                "--alternations", "2", "--iters", "2", "--rounds", "2", "--warmup", "1", "--batch", "4",
+                                "--shape", "1", "4", "4", "--width", "8", "--threads", "1", "--out", str(out)])
+    assert [n for n, _ in r["variants"]] == ["self", "now", "now, default memory"]
+    assert all(len(runs) == 2 for runs in r["runs"].values())
+    for runs in r["runs"].values():
+        for parts in runs:
+            assert parts["non-network"] == pytest.approx(parts["ipfm_fast ops"] + parts["optimizer + EMA"]
+                                                         + parts["rest"])
+    assert set(r["paired_non_network_change"]) == {"now", "now, default memory"}
+    assert json.loads(out.read_text())["table"].keys() == r["table"].keys()
+    assert "| non-network against self" in (tmp_path / "checkouts.md").read_text()
+    with pytest.raises(SystemExit):
+        compare_checkouts.main(["--compile", "off", "--checkout", "nowhere"])  # NAME=DIR expected
