@@ -38,7 +38,21 @@ def collect():
         "backends": backends.report(devices),
         "auto": {d: backends.resolve("info", "auto", d, torch.float32) for d in devices},
         "compiled_cpu_linear": dict(zip(("backend", "reason"), models.linear_backend())),
+        "training_cpu": _training_cpu(ext),
     }
+
+
+def _training_cpu(ext):
+    """The CPU training loops' optimizer kernel and host-memory policy."""
+    from ipfm_fast.train import flat, host_memory
+
+    if ext is None:
+        adam = "torch's fused Adam (extension not loaded)"
+    elif flat.own_adam_matches_torch():
+        adam = "the extension's kernel for beta1 = 0 (bitwise torch's fused Adam here, fewer bytes)"
+    else:
+        adam = "torch's fused Adam (the extension's kernel differs from it on this machine or torch build)"
+    return {"adam": adam, "host_memory": host_memory.describe()}
 
 
 def format_report(info):
@@ -57,6 +71,8 @@ def format_report(info):
     lin = info["compiled_cpu_linear"]
     lines.append(f"networks' linear layers, compiled on CPU: {lin['backend']} GEMMs ({lin['reason']}; "
                  f"{models.LINEAR_ENV}=onednn|torch chooses)")
+    lines.append(f"CPU training: Adam: {info['training_cpu']['adam']}; host memory: "
+                 f"{info['training_cpu']['host_memory']}")
     if info["triton_interpreter"]:
         lines.append("TRITON_INTERPRET=1: Triton kernels run in the interpreter on CPU tensors")
     for device, table in info["backends"].items():

@@ -57,6 +57,10 @@ def test_info_command():
                                      text=True, check=True).stdout)
     assert set(data["backends"]["cpu"]) == set(backends.BACKENDS)
     assert data["auto"]["cpu"] in ("cpu", "reference")
+    assert "CPU training: Adam: " in out and "host memory: " in out
+    assert set(data["training_cpu"]) == {"adam", "host_memory"}
+    if _ext._C is not None:  # the extension's Adam is bitwise torch's on the machines this runs on
+        assert data["training_cpu"]["adam"].startswith("the extension's kernel")
     help_text = subprocess.run([sys.executable, "-m", "ipfm_fast", "--help"], capture_output=True, text=True,
                                check=True).stdout
     assert "info" in help_text

@@ -75,6 +75,18 @@ def _keep_freed():
             f"{KEEP_TRIM_THRESHOLD >> 20} MiB; {ENV}=default leaves glibc's)")
 
 
+def describe():
+    """What CPU training runs do with host memory here, in one line (no side effects)."""
+    if policy() == "default":
+        return f"the C library's and the kernel's defaults ({ENV}=default)"
+    if _libc() is None:
+        return "the C library's defaults (not Linux/glibc)"
+    thp = transparent_huge_pages()
+    pages = (f"flat training buffers on transparent huge pages (THP {thp})" if thp in ("madvise", "always")
+             else f"4 KiB pages (THP {thp or 'unknown'})")
+    return f"freed memory kept for reuse, {pages}; {ENV}=default leaves the defaults"
+
+
 @functools.lru_cache(maxsize=None)
 def transparent_huge_pages():
     """The kernel's THP mode ("always", "madvise", "never"), or None where unknown."""
