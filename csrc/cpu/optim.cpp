@@ -38,6 +38,12 @@
 namespace ipfm::cpu {
 namespace {
 
+// One EMA element, each operation rounded to float32: (src - ema) * w, then the sum.
+inline float ema_toward(float ema, float src, float w) {
+  const float delta = (src - ema) * w;
+  return ema + delta;
+}
+
 void ema_step(uintptr_t ema_ptr, uintptr_t src_ptr, int64_t n, uintptr_t weight_ptr, double weight,
               uintptr_t skip_ptr, int threads) {
   float* __restrict ema = reinterpret_cast<float*>(ema_ptr);
@@ -47,10 +53,7 @@ void ema_step(uintptr_t ema_ptr, uintptr_t src_ptr, int64_t n, uintptr_t weight_
   if (skip_ptr) w = (*reinterpret_cast<const bool*>(skip_ptr) ? 0.0f : 1.0f) * w;  // (~skip).float() * w
   const int nt = threads_for(n, threads);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t i = 0; i < n; ++i) {
-    const float delta = (src[i] - ema[i]) * w;
-    ema[i] = ema[i] + delta;
-  }
+  for (int64_t i = 0; i < n; ++i) ema[i] = ema_toward(ema[i], src[i], w);
 }
 
 constexpr int64_t CHUNK = 16384;
@@ -116,28 +119,26 @@ void grad_norm(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& n
 // Adam, beta1 = 0
 // ---------------------------------------------------------------------------------------
 
-// torch's vector body: exp_avg = fma(w - 1, g - m, g) with w = 1 - beta1 = 1 (its lerp),
-// exp_avg_sq = fma(c2 g, g, v b2), p -= (lr m) / (sqrt(v) / bc2s + eps)
-inline void body_element(float* p, const float* g, float* m, float* v, float* ema, int64_t i, const AdamCoef& c) {
-  const float gi = g[i];
-  const float mi = std::fma(0.0f, gi - m[i], gi);
-  const float vi = std::fma(c.c2 * gi, gi, v[i] * c.b2);
-  const float den = std::sqrt(vi) / c.bc2s + c.eps;
-  const float pi = p[i] - (c.lr * mi) / den;
+// The parameter update from the new moments, p -= (lr m) / (sqrt(v) / bc2s + eps) (body and
+// tail alike), and the EMA towards it.
+inline void update_element(float* p, float* m, float* v, float* ema, int64_t i, float mi, float vi,
+                           const AdamCoef& c) {
+  const float pi = p[i] - (c.lr * mi) / (std::sqrt(vi) / c.bc2s + c.eps);
   p[i] = pi, m[i] = mi, v[i] = vi;
-  if (ema) ema[i] = ema[i] + (pi - ema[i]) * c.ema_w;
+  if (ema) ema[i] = ema_toward(ema[i], pi, c.ema_w);
 }
 
-// torch's scalar tail: exp_avg = g - (g - m) * (1 - w) (its scalar lerp), exp_avg_sq =
-// fma(v, b2, (c2 g) g), the same parameter update
+// torch's vector body: exp_avg = fma(w - 1, g - m, g) with w = 1 - beta1 = 1 (its lerp),
+// exp_avg_sq = fma(c2 g, g, v b2)
+inline void body_element(float* p, const float* g, float* m, float* v, float* ema, int64_t i, const AdamCoef& c) {
+  const float gi = g[i];
+  update_element(p, m, v, ema, i, std::fma(0.0f, gi - m[i], gi), std::fma(c.c2 * gi, gi, v[i] * c.b2), c);
+}
+
+// torch's scalar tail: exp_avg = g - (g - m) * (1 - w) (its scalar lerp), exp_avg_sq = fma(v, b2, (c2 g) g)
 inline void tail_element(float* p, const float* g, float* m, float* v, float* ema, int64_t i, const AdamCoef& c) {
   const float gi = g[i];
-  const float mi = gi - (gi - m[i]) * 0.0f;
-  const float vi = std::fma(v[i], c.b2, (c.c2 * gi) * gi);
-  const float den = std::sqrt(vi) / c.bc2s + c.eps;
-  const float pi = p[i] - (c.lr * mi) / den;
-  p[i] = pi, m[i] = mi, v[i] = vi;
-  if (ema) ema[i] = ema[i] + (pi - ema[i]) * c.ema_w;
+  update_element(p, m, v, ema, i, gi - (gi - m[i]) * 0.0f, std::fma(v[i], c.b2, (c.c2 * gi) * gi), c);
 }
 
 constexpr int64_t kAdamPiece = 16384;  // elements per work item (a multiple of 16)
@@ -161,11 +162,10 @@ void adam_beta1_zero(const std::vector<uintptr_t>& grads, const std::vector<int6
   const bool skip = found_inf_ptr && *reinterpret_cast<const float*>(found_inf_ptr) == 1.0f;
   float w = ema_weight_ptr ? *reinterpret_cast<const float*>(ema_weight_ptr) : static_cast<float>(ema_weight);
   w = (skip ? 0.0f : 1.0f) * w;  // as the unfused EMA: (~skip).float() * weight
-  if (skip) {  // no update: the EMA pass alone, as ema_step
-    if (ema) {
+  if (skip) {  // no update: the EMA pass alone (weight 0), as the unfused loop makes it
+    if (ema)
       for (size_t t = 0; t < grads.size(); ++t)
-        for (int64_t i = offsets[t]; i < offsets[t] + numels[t]; ++i) ema[i] = ema[i] + (p[i] - ema[i]) * w;
-    }
+        ema_step(ema_ptr + 4 * offsets[t], p_ptr + 4 * offsets[t], numels[t], 0, w, 0, threads);
     return;
   }
   float* steps = reinterpret_cast<float*>(steps_ptr);
