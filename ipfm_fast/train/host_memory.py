@@ -56,11 +56,12 @@ def keep_freed():
     return _kept
 
 
-def _keep_freed():
+def _allocator_left_alone():
+    """Why keep_freed leaves the C library's allocator as it is, or None when it sets the
+    thresholds (one decision for keep_freed and describe)."""
     if policy() == "default":
         return f"glibc's default policy ({ENV}=default)"
-    libc = _libc()
-    if libc is None:
+    if _libc() is None:
         return "the C library's default policy (not glibc)"
     preload = os.environ.get("LD_PRELOAD", "")
     if "malloc" in preload:  # tcmalloc, jemalloc, mimalloc...
@@ -68,6 +69,14 @@ def _keep_freed():
     tuned = [k for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_") if k in os.environ]
     if tuned:
         return f"glibc's policy as set by {', '.join(tuned)}"
+    return None
+
+
+def _keep_freed():
+    reason = _allocator_left_alone()
+    if reason:
+        return reason
+    libc = _libc()
     if not (libc.mallopt(_M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD,
                                                                                   KEEP_TRIM_THRESHOLD)):
         return "glibc's default policy (mallopt refused the thresholds)"
@@ -75,16 +84,20 @@ def _keep_freed():
             f"{KEEP_TRIM_THRESHOLD >> 20} MiB; {ENV}=default leaves glibc's)")
 
 
+def _huge_pages_lent():
+    """Whether zeros() asks for transparent huge pages here."""
+    return _libc() is not None and policy() == "keep" and transparent_huge_pages() in ("madvise", "always")
+
+
 def describe():
     """What CPU training runs do with host memory here, in one line (no side effects)."""
     if policy() == "default":
         return f"the C library's and the kernel's defaults ({ENV}=default)"
-    if _libc() is None:
-        return "the C library's defaults (not Linux/glibc)"
+    memory = _allocator_left_alone() or "freed memory kept for reuse"
     thp = transparent_huge_pages()
-    pages = (f"flat training buffers on transparent huge pages (THP {thp})" if thp in ("madvise", "always")
+    pages = (f"flat training buffers on transparent huge pages (THP {thp})" if _huge_pages_lent()
              else f"4 KiB pages (THP {thp or 'unknown'})")
-    return f"freed memory kept for reuse, {pages}; {ENV}=default leaves the defaults"
+    return f"{memory}, {pages}; {ENV}=default leaves the defaults"
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,14 +119,12 @@ def zeros(numel, dtype, device):
     more)."""
     device = torch.device(device)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    libc = _libc()
-    if (device.type != "cpu" or nbytes < HUGE_PAGE_MIN_BYTES or libc is None or policy() == "default"
-            or transparent_huge_pages() not in ("madvise", "always")):
+    if device.type != "cpu" or nbytes < HUGE_PAGE_MIN_BYTES or not _huge_pages_lent():
         return torch.zeros(numel, dtype=dtype, device=device)
     span = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
     raw = torch.empty(span + HUGE_PAGE, dtype=torch.uint8)  # untouched pages: madvise before the first write
     start = -raw.data_ptr() % HUGE_PAGE
-    libc.madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(span), _MADV_HUGEPAGE)  # a hint
+    _libc().madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(span), _MADV_HUGEPAGE)  # a hint
     buf = raw[start:start + nbytes].view(dtype)
     buf.zero_()
     return buf
