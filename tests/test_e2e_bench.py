@@ -68,3 +68,15 @@ def test_compare_checkouts_runs_each_variant_in_its_processes(tmp_path, capsys):
     assert "| non-network against self" in (tmp_path / "checkouts.md").read_text()
     with pytest.raises(SystemExit):
         compare_checkouts.main(["--compile", "off", "--checkout", "nowhere"])  # NAME=DIR expected
+
+
+def test_host_memory_bench_reports_faults_and_adam_per_layout(tmp_path):
+    import bench_host_memory
+
+    out = tmp_path / "host_memory.json"
+    r = bench_host_memory.main(["--alternations", "1", "--warmup", "1", "--iters", "2", "--rounds", "1", "--calls", "1",
+                                "--threads", "1", "--out", str(out)])
+    assert set(r["faults"]) == {"keep", "default"} and all(len(v) == 1 for v in r["faults"].values())
+    assert all(x["ms_per_iteration"] > 0 and x["faults_per_iteration"] >= 0 for v in r["faults"].values() for x in v)
+    assert set(r["adam"]) == {"4 KiB pages", "huge pages"} and all(t["min_us"] > 0 for t in r["adam"].values())
+    assert "| torch fused Adam" in (tmp_path / "host_memory.md").read_text()

@@ -46,7 +46,8 @@ def keep_freed():
     256 MiB lie free at its top. Why: a CPU training step frees its gradients and
     activations and allocates them again; with glibc's adaptive defaults a process falls
     (by its allocation history) into a pattern that unmaps them and faults fresh zeroed
-    pages back in: 300-1,200 page faults per iteration of the e2e MLP step, none with this.
+    pages back in: ~400-590 page faults per iteration of the e2e MLP step, 1-3 with this
+    (benchmarks/bench_host_memory.py).
     Process-wide and once; the process keeps at most its peak plus 256 MiB. Not done under
     another allocator (LD_PRELOAD), when glibc's MALLOC_* variables are set, or with
     IPFM_FAST_HOST_MEMORY=default. Returns a line saying what was done."""
@@ -114,9 +115,9 @@ def zeros(numel, dtype, device):
     """A zeroed 1-D buffer of ``numel`` elements. On CPU, when it spans at least 1 MiB and
     the kernel lends transparent huge pages on request: the buffer starts on a 2 MiB
     boundary and its pages are asked to be huge (madvise), before they are first touched.
-    Measured on the e2e MLP's Adam (three 2 MiB buffers, caches flushed): 183-187 -> 156-162
-    us a call (medians). The buffer is a view of a slightly larger allocation (at most 4 MiB
-    more)."""
+    Torch's fused Adam over three such 2 MiB buffers with the caches flushed gains 2-3%
+    (benchmarks/bench_host_memory.py). The buffer is a view of a slightly larger allocation
+    (at most 4 MiB more)."""
     device = torch.device(device)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if device.type != "cpu" or nbytes < HUGE_PAGE_MIN_BYTES or not _huge_pages_lent():
