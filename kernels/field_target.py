@@ -12,12 +12,14 @@ Two phases, four launches (the method and its error analysis are in
 * ``_screen_kernel``  ``S = y x_ref^T`` on tensor cores (3xTF32, ~fp32 accuracy; "ieee" in
   the interpreter), one [BM, BN] tile per program, written to the [B, M] fp32 scratch
   (reads ``B N M / BN + M N B / BM``, writes ``B M``).
-* ``_finalize_kernel`` one program per row, four sweeps over its M entries: the best
-  upper bound, then candidates and exact fp64 distances for the candidates that need
-  them (a [BLOCK_M, BLOCK_N] tile whose loads are masked to the refined rows, skipped
-  when a block has none), stored as fp32 offsets ``q - q_anchor`` (small for candidates,
-  so the fp32 store costs at most ``u * 40`` of a logit), then ``log Z`` and the weights,
-  written over the scratch.
+* ``_finalize_kernel`` one program per row, five sweeps over its M entries: the best
+  upper bound; the anchor ``q_anchor``, the smallest q of the entries that can be the
+  row's minimum; the candidates, with exact fp64 distances for those that need them (a
+  [BLOCK_M, BLOCK_N] tile whose loads are masked to the refined rows, skipped when a block
+  has none; the anchor sweep computes them for its entries too), stored as fp32 offsets
+  ``q - q_anchor`` (an entry within 40 logits of the anchor has an offset under 40
+  logits, so the fp32 store costs at most ``u * 40`` of its logit); then ``log Z`` and the
+  weights, written over the scratch.
 * ``_combine_kernel``  ``target = W x_ref`` (3xTF32), skipping K tiles whose weights are
   all exactly zero -- most of them when the posterior is concentrated (small sigma).
 
@@ -82,6 +84,48 @@ def _log1p64(v):
     return tl.where(w == 1.0, v, tl.log(w) * (v / tl.where(w == 1.0, 1.0, w - 1.0)))
 
 
+@triton.jit
+def _screened(srow, nx_ptr, j, jm, ny, coef, coef_stat, c, k, inv2, refine_tol, FINITE_D: tl.constexpr):
+    """Screened d2 of a block of entries, the lower bound of their q, and whether their
+    logit error estimate asks for an exact distance."""
+    dot = tl.load(srow + j, mask=jm, other=0.0).to(tl.float64)
+    nxj = tl.load(nx_ptr + j, mask=jm, other=0.0)
+    d = ny + nxj - 2.0 * dot
+    err = coef * tl.sqrt(nxj)
+    qlo = tl.maximum(d - err, 0.0)
+    err_stat = tl.minimum(err, coef_stat * tl.sqrt(nxj))
+    if FINITE_D:
+        qlo += c
+        lerr = k * err_stat / qlo
+    else:
+        lerr = err_stat * inv2
+    return d, qlo, lerr > refine_tol
+
+
+@triton.jit
+def _q(y_ptr, y_stride, x_ptr, x_stride, row, j, d, exact, n, c,
+       FINITE_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_LOOP: tl.constexpr):
+    """q of a block of entries: from the screened d2, or from exact fp64 pairwise
+    differences where ``exact`` (a [BLOCK_M, BLOCK_N] tile whose loads are masked to those
+    rows; skipped when the block has none). Each entry's sum depends on its own row only, so
+    one entry gives the same q in every sweep."""
+    dd = tl.maximum(d, 0.0)
+    if tl.max(exact.to(tl.int32), axis=0) > 0:
+        acc = tl.zeros([BLOCK_M], dtype=tl.float64)
+        for n0 in range(0, N_LOOP, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cm = cols < n
+            yv = tl.load(y_ptr + row * y_stride + cols, mask=cm, other=0.0).to(tl.float64)
+            xv = tl.load(x_ptr + j[:, None].to(tl.int64) * x_stride + cols[None, :],
+                         mask=exact[:, None] & cm[None, :], other=0.0).to(tl.float64)
+            diff = tl.where(cm[None, :], yv[None, :] - xv, 0.0)
+            acc += tl.sum(diff * diff, axis=1)
+        dd = tl.where(exact, acc, dd)
+    if FINITE_D:
+        dd += c
+    return dd
+
+
 # n stays a runtime i32 when it is 1 (Triton makes an int argument equal to 1 a constexpr,
 # and n.to() below needs a tensor). The float arguments feed fp64 row math: a plain Python
 # float would be passed as fp32 (D = 0.1 rounded; D > 3.4e38 inf).
@@ -117,7 +161,7 @@ def _finalize_kernel(y_ptr, y_stride, x_ptr, x_stride, s_ptr, logz_ptr, ny_ptr, 
         nxj = tl.load(nx_ptr + j, mask=jm, other=0.0)
         bad = tl.maximum(bad, tl.max(tl.where(nxj < inf, 0, 1), axis=0))
         d = ny + nxj - 2.0 * dot
-        qhi = d + coef * tl.sqrt(nxj)
+        qhi = tl.maximum(d + coef * tl.sqrt(nxj), 0.0)  # >= q_lo of the same entry: the anchor sweep finds it
         if FINITE_D:
             qhi += c
         best = tl.minimum(best, tl.min(tl.where(jm, qhi, inf), axis=0))
@@ -126,45 +170,35 @@ def _finalize_kernel(y_ptr, y_stride, x_ptr, x_stride, s_ptr, logz_ptr, ny_ptr, 
     else:
         cut = best + CUT / inv2
 
-    # sweep 2: candidates, exact distances where needed, offsets q - best stored in fp32
+    # sweep 2: the anchor, the smallest q among the entries that can be the row's minimum
+    # (q_lo <= best), exact where the estimate asks. The stored offsets are taken from it:
+    # taken from the upper bound `best`, whose slack (~E) can be thousands of logits at
+    # small sigma, their fp32 rounding would cost u * slack of a logit.
+    anchor = tl.full([], inf, dtype=tl.float64)
+    for m0 in range(0, M_LOOP, BLOCK_M):
+        j = m0 + offs
+        jm = j < m
+        d, qlo, needs_exact = _screened(srow, nx_ptr, j, jm, ny, coef, coef_stat, c, k, inv2, refine_tol, FINITE_D)
+        maybe = jm & (qlo <= best)
+        q = _q(y_ptr, y_stride, x_ptr, x_stride, row, j, d, maybe & needs_exact, n, c, FINITE_D, BLOCK_M, BLOCK_N,
+               N_LOOP)
+        anchor = tl.minimum(anchor, tl.min(tl.where(maybe, q, inf), axis=0))
+
+    # sweep 3: candidates, exact distances where needed, offsets q - anchor stored in fp32
     dmin = tl.full([], inf, dtype=tl.float64)
     for m0 in range(0, M_LOOP, BLOCK_M):
         j = m0 + offs
         jm = j < m
-        dot = tl.load(srow + j, mask=jm, other=0.0).to(tl.float64)
-        nxj = tl.load(nx_ptr + j, mask=jm, other=0.0)
-        d = ny + nxj - 2.0 * dot
-        err = coef * tl.sqrt(nxj)
-        qlo = tl.maximum(d - err, 0.0)
-        err_stat = tl.minimum(err, coef_stat * tl.sqrt(nxj))
-        if FINITE_D:
-            qlo += c
-            lerr = k * err_stat / qlo
-        else:
-            lerr = err_stat * inv2
+        d, qlo, needs_exact = _screened(srow, nx_ptr, j, jm, ny, coef, coef_stat, c, k, inv2, refine_tol, FINITE_D)
         cand = jm & (qlo <= cut)
-        refine = cand & (lerr > refine_tol)
-        dd = tl.maximum(d, 0.0)
-        if tl.max(refine.to(tl.int32), axis=0) > 0:
-            acc = tl.zeros([BLOCK_M], dtype=tl.float64)
-            for n0 in range(0, N_LOOP, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                cm = cols < n
-                yv = tl.load(y_ptr + row * y_stride + cols, mask=cm, other=0.0).to(tl.float64)
-                xv = tl.load(x_ptr + j[:, None].to(tl.int64) * x_stride + cols[None, :],
-                             mask=refine[:, None] & cm[None, :], other=0.0).to(tl.float64)
-                diff = tl.where(cm[None, :], yv[None, :] - xv, 0.0)
-                acc += tl.sum(diff * diff, axis=1)
-            dd = tl.where(refine, acc, dd)
-        q = dd
-        if FINITE_D:
-            q += c
-        delta = tl.where(cand, (q - best).to(tl.float32), inf)
+        q = _q(y_ptr, y_stride, x_ptr, x_stride, row, j, d, cand & needs_exact, n, c, FINITE_D, BLOCK_M, BLOCK_N,
+               N_LOOP)
+        delta = tl.where(cand, (q - anchor).to(tl.float32), inf)
         tl.store(srow + j, delta, mask=jm)
         dmin = tl.minimum(dmin, tl.min(delta, axis=0).to(tl.float64))
-    q_ref = best + dmin
+    q_ref = anchor + dmin
 
-    # sweep 3: normaliser relative to q_ref (fp64)
+    # sweep 4: normaliser relative to q_ref (fp64)
     z = tl.full([], 0.0, dtype=tl.float64)
     for m0 in range(0, M_LOOP, BLOCK_M):
         j = m0 + offs
@@ -178,7 +212,7 @@ def _finalize_kernel(y_ptr, y_stride, x_ptr, x_stride, s_ptr, logz_ptr, ny_ptr, 
     ok = ok & (bad == 0)
     inv_z = tl.where(ok, 1.0 / z, float("nan"))
 
-    # sweep 4: weights over the scratch
+    # sweep 5: weights over the scratch
     for m0 in range(0, M_LOOP, BLOCK_M):
         j = m0 + offs
         jm = j < m

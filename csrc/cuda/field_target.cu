@@ -7,9 +7,10 @@
 //                    4x4 outputs per thread, K in steps of 16 through shared memory,
 //                    one block per tile on a 1-D grid (gridDim.y would cap the row tiles
 //                    at 65535, i.e. B at 4.2M),
-//   finalize_kernel  one block per row: best bound (block min), candidates, exact fp64
-//                    distances for the candidates that need them (one warp per entry),
-//                    offsets q - best stored in fp32 over S, log Z (block sum), weights,
+//   finalize_kernel  one block per row: best bound (block min), the anchor (the smallest
+//                    q that can be the row's minimum), candidates, exact fp64 distances
+//                    for the entries that need them (one warp per entry), offsets
+//                    q - anchor stored in fp32 over S, log Z (block sum), weights,
 //   combine_kernel   target = W x_ref, fp32 FFMA tiles (1-D grid too); a K tile whose
 //                    64 x 16 weights are all zero skips its x_ref loads and FMAs
 //                    (__syncthreads_or).
@@ -42,7 +43,6 @@ __device__ __forceinline__ double warp_min(double v) {
   return v;
 }
 
-// Block-wide reductions (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 // acc[p][q] += sum_k a[k][4 ty + p] * b[k][4 tx + q] over one K slab of the shared tiles:
 // the 4 x 4 register micro-tile of both GEMM-shaped kernels.
 __device__ __forceinline__ void tile_fma(const float (&a_sh)[kTileK][kTile + 4], const float (&b_sh)[kTileK][kTile + 4],
@@ -73,6 +73,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[4][4], float* __re
       if (i0 + p < rows && j0 + q < cols) dst[(i0 + p) * ld + j0 + q] = acc[p][q];
 }
 
+// Block-wide reductions (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 template <bool kMin>
 __device__ double block_reduce(double v) {
   __shared__ double partial[32];
@@ -155,41 +156,60 @@ finalize_kernel(const float* __restrict__ y, int64_t ys, const float* __restrict
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
     const double d = ny + nx[j] - 2.0 * static_cast<double>(srow[j]);
     bad |= !(nx[j] < kInf);
-    best = fmin(best, q_of(p, d + coef * sqrt(nx[j])));
+    best = fmin(best, q_of(p, fmax(d + coef * sqrt(nx[j]), 0.0)));  // >= q_lo of the same entry
   }
   best = block_reduce<true>(best);
   bad = __syncthreads_or(bad);
   const double cut = q_cut(p, best);
 
-  // sweep 2: one warp per entry; exact distances for the candidates that need them
+  // Screened d2 and q lower bound of entry j, whether its logit error estimate asks for an
+  // exact distance, and its q (one warp per entry: every lane returns the same value, and
+  // one entry gives the same q in both sweeps below).
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  auto screened = [&](int64_t j, double& d, double& q_lo) {
+    d = ny + nx[j] - 2.0 * static_cast<double>(srow[j]);
+    const double err = coef * sqrt(nx[j]);
+    q_lo = q_of(p, fmax(d - err, 0.0));
+    return logit_err(p, q_lo, fmin(err, coef_stat * sqrt(nx[j]))) > refine_tol;
+  };
+  auto q_entry = [&](int64_t j, double d, bool exact) {
+    if (!exact) return q_of(p, fmax(d, 0.0));
+    const float* xrow = x + j * xs;
+    double acc = 0.0;
+    for (int64_t k = lane; k < n; k += 32) {
+      const double t = static_cast<double>(yrow[k]) - static_cast<double>(xrow[k]);
+      acc += t * t;
+    }
+    return q_of(p, warp_sum(acc));
+  };
+
+  // sweep 2: the anchor, the smallest q of the entries that can be the row's minimum
+  // (q_lo <= best). The stored offsets are taken from it: taken from the upper bound
+  // `best`, whose slack (~E) can be thousands of logits at small sigma, their fp32 rounding
+  // would cost u * slack of a logit.
+  double anchor = kInf;
+  for (int64_t j = warp; j < m; j += warps) {
+    double d, q_lo;
+    const bool needs_exact = screened(j, d, q_lo);
+    if (q_lo <= best) anchor = fmin(anchor, q_entry(j, d, needs_exact));
+  }
+  anchor = block_reduce<true>(anchor);
+
+  // sweep 3: candidates, exact distances where needed, offsets q - anchor stored in fp32
   double dmin = kInf;
   for (int64_t j = warp; j < m; j += warps) {
-    const double d = ny + nx[j] - 2.0 * static_cast<double>(srow[j]);
-    const double err = coef * sqrt(nx[j]);
-    const double q_lo = q_of(p, fmax(d - err, 0.0));
-    float delta = static_cast<float>(kInf);
-    if (q_lo <= cut) {
-      double dd = fmax(d, 0.0);
-      if (logit_err(p, q_lo, fmin(err, coef_stat * sqrt(nx[j]))) > refine_tol) {
-        const float* xrow = x + j * xs;
-        double acc = 0.0;
-        for (int64_t k = lane; k < n; k += 32) {
-          const double t = static_cast<double>(yrow[k]) - static_cast<double>(xrow[k]);
-          acc += t * t;
-        }
-        dd = warp_sum(acc);
-      }
-      delta = static_cast<float>(q_of(p, dd) - best);
-    }
+    double d, q_lo;
+    const bool needs_exact = screened(j, d, q_lo);
+    const float delta = q_lo <= cut ? static_cast<float>(q_entry(j, d, needs_exact) - anchor)
+                                    : static_cast<float>(kInf);
     __syncwarp();
     if (lane == 0) srow[j] = delta;
     dmin = fmin(dmin, static_cast<double>(delta));
   }
   dmin = block_reduce<true>(dmin);
-  const double q_ref = best + dmin;
+  const double q_ref = anchor + dmin;
 
-  // sweep 3: normaliser
+  // sweep 4: normaliser
   double z = 0.0;
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
     const double delta = srow[j];
@@ -199,7 +219,7 @@ finalize_kernel(const float* __restrict__ y, int64_t ys, const float* __restrict
   const bool ok = p.ok && !bad;
   const double inv_z = ok ? 1.0 / z : __builtin_nan("");
 
-  // sweep 4: weights
+  // sweep 5: weights
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
     const double delta = srow[j];
     const double w = delta < kInf ? exp(rel_logit(p, delta - dmin, q_ref)) * inv_z : 0.0 * inv_z;

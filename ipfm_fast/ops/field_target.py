@@ -50,7 +50,14 @@ Backward (PyTorch ops on the saved weights and log Z): with ``g`` the target's g
 ``b_ij = w_ij (g_i . (x_j - t_i) + gz_i)``, ``c_ij = -b_ij k / q_ij`` (``q_ij`` recovered
 from ``log w_ij + log Z_i``; D = inf: ``-b_ij / (2 sigma_i^2)``):
 ``dy_i = 2 sum_j c_ij (y_i - x_j)``, ``dx_j = sum_i w_ij g_i - 2 sum_i c_ij (y_i - x_j)``,
-``dsigma_i = 2 D sigma_i sum_j c_ij`` (D = inf: ``-2/sigma_i sum_j b_ij s_ij``). Four GEMMs.
+``dsigma_i = 2 D sigma_i sum_j c_ij`` (D = inf: ``-2/sigma_i sum_j b_ij s_ij``). Five GEMMs,
+in fp64 (with ``t = W x_ref`` recomputed and ``W`` renormalised in fp64): at sigma << |x|
+the GEMM forms ``y_i sum_j c_ij - (c x_ref)_i`` and ``g_i . x_j - g_i . t_i`` cancel to a
+fraction ~sigma / |x| of their terms, so fp32 would lose ~u |x| / sigma of the gradient
+(1e-2 at sigma = 1e-4). The gradients are then within 1e-5 (normwise) of the float64
+spec, or 2x plain fp32 autograd's error where that is larger (tests/test_properties.py).
+The training loops never differentiate the target; where a user does, on a GPU with slow
+fp64 the backward is correspondingly slower.
 """
 
 import math
@@ -125,24 +132,31 @@ class _FieldTarget(_op.Function):
     @staticmethod
     def save(ctx, inputs, outputs):
         y, sigma, sigma_scalar, x_ref, D, _, _ = inputs
-        out, logz, w = outputs
+        _, logz, w = outputs
         ctx.D, ctx.sigma_scalar = D, sigma_scalar
         ctx.mark_non_differentiable(w)
-        ctx.save_for_backward(y, sigma, x_ref, out, logz, w)
+        ctx.save_for_backward(y, sigma, x_ref, logz, w)
 
     @staticmethod
     def backward(ctx, g_out, g_logz, g_w):
-        y, sigma, x, out, logz, w = ctx.saved_tensors
+        # In float64 (module docstring, "Backward"): the GEMM forms y_i sum_j c_ij - sum_j
+        # c_ij x_j and g_i . x_j - g_i . t_i cancel to ~sigma / |x| of their terms, which
+        # fp32 would leave at u |x| / sigma (1e-2 of the gradient at sigma = 1e-4).
+        y, sigma, x, logz, w = ctx.saved_tensors
         D, n = ctx.D, y.shape[1]
-        sig = sigma if sigma is not None else torch.full_like(logz, ctx.sigma_scalar)
+        y, x = y.double(), x.double()
+        w = w.double()
+        w = w / w.sum(1, keepdim=True)  # sums to 1 in fp64, so that sum_j b_ij = g_logz_i exactly
+        sig = (sigma if sigma is not None else torch.full_like(logz, ctx.sigma_scalar)).double()
         b = torch.zeros_like(w)
         if g_out is not None:
-            b = g_out @ x.T - (g_out * out).sum(1, keepdim=True)  # g_i . (x_j - t_i)
+            g_out = g_out.double()
+            b = g_out @ x.T - (g_out * (w @ x)).sum(1, keepdim=True)  # g_i . (x_j - t_i), t in fp64
         if g_logz is not None:
-            b = b + g_logz[:, None]
+            b = b + g_logz.double()[:, None]
         b = w * b
         live = w > 0
-        s = torch.where(live, torch.log(torch.where(live, w, 1.0)) + logz[:, None], 0.0)  # s_ij where w_ij > 0
+        s = torch.where(live, torch.log(torch.where(live, w, 1.0)) + logz.double()[:, None], 0.0)  # s_ij, w_ij > 0
         if math.isinf(D):
             c = -b * (0.5 / sig.square())[:, None]
             grad_sigma = (-2.0 / sig) * (b * s).sum(1)
@@ -153,13 +167,13 @@ class _FieldTarget(_op.Function):
             grad_sigma = 2.0 * D * sig * c.sum(1)
         grad_y = grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_y = 2.0 * (y * c.sum(1, keepdim=True) - c @ x)
+            grad_y = (2.0 * (y * c.sum(1, keepdim=True) - c @ x)).float()
         if ctx.needs_input_grad[3]:
             grad_x = 2.0 * (x * c.sum(0)[:, None] - c.T @ y)
             if g_out is not None:
                 grad_x = grad_x + w.T @ g_out
-        if not ctx.needs_input_grad[1]:
-            grad_sigma = None
+            grad_x = grad_x.float()
+        grad_sigma = grad_sigma.float() if ctx.needs_input_grad[1] else None
         return grad_y, grad_sigma, None, grad_x, None, None, None
 
 
