@@ -65,7 +65,7 @@ def gen_finalize_kernel(
     rows, n, chunks,
     ADAPTIVE: tl.constexpr, REDUCTION: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    total = tl.zeros([BLOCK_R], dtype=tl.float64)  # fp64 over rows, as the CPU and CUDA kernels
     count = tl.zeros([BLOCK_R], dtype=tl.int32)
     # Row indices in int64 (a runtime value, so that the compiled while loop can carry it):
     # r0 + BLOCK_R and 2 * rows wrap in int32 for rows near 2^31 and 2^30.
@@ -97,12 +97,12 @@ def gen_finalize_kernel(
         tl.store(stats_ptr + 2 * rows64 + r, tl.where(keep, 1.0, 0.0), mask=live)
         if REDUCTION == 0:
             tl.store(loss_ptr + r, loss.to(loss_ptr.dtype.element_ty), mask=live)
-        total += tl.where(live, loss, 0.0)
+        total += tl.where(live, loss, 0.0).to(tl.float64)
         count += (live & (sbad != 0.0)).to(tl.int32)
         r0 += BLOCK_R
     s = tl.sum(total, axis=0)
     if REDUCTION == 1:
-        tl.store(loss_ptr, (s / rows.to(tl.float32)).to(loss_ptr.dtype.element_ty))
+        tl.store(loss_ptr, (s / rows.to(tl.float64)).to(loss_ptr.dtype.element_ty))
     if REDUCTION == 2:
         tl.store(loss_ptr, s.to(loss_ptr.dtype.element_ty))
     tl.store(masked_ptr, tl.sum(count, axis=0).to(tl.int64))
@@ -163,7 +163,7 @@ def fake_finalize_kernel(
     rows, chunks,
     SIGMA_PER_ROW: tl.constexpr, REDUCTION: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    total = tl.zeros([BLOCK_R], dtype=tl.float64)  # fp64 over rows, as the CPU and CUDA kernels
     sd2 = sigma_data * sigma_data
     r0 = rows.to(tl.int64) * 0  # int64 and runtime, as in gen_finalize_kernel
     while r0 < rows:
@@ -186,11 +186,11 @@ def fake_finalize_kernel(
         tl.store(stats_ptr + rows + r, s, mask=live)
         if REDUCTION == 0:
             tl.store(loss_ptr + r, loss.to(loss_ptr.dtype.element_ty), mask=live)
-        total += tl.where(live, loss, 0.0)
+        total += tl.where(live, loss, 0.0).to(tl.float64)
         r0 += BLOCK_R
     t = tl.sum(total, axis=0)
     if REDUCTION == 1:
-        tl.store(loss_ptr, (t / rows.to(tl.float32)).to(loss_ptr.dtype.element_ty))
+        tl.store(loss_ptr, (t / rows.to(tl.float64)).to(loss_ptr.dtype.element_ty))
     if REDUCTION == 2:
         tl.store(loss_ptr, t.to(loss_ptr.dtype.element_ty))
 

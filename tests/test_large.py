@@ -138,6 +138,25 @@ def test_generator_loss_past_2_31_elements(device, backend, dtype):
           f"{backward:.1f} s")
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
+def test_generator_loss_masked_count_past_2_24_rows(device, backend):
+    """The masked-row count is an integer and the mean sums its rows in fp64: an fp32 count
+    (the CUDA kernel's, once) is not exact past 2^24 rows, and an fp32 sum of 2^24 / 256
+    rows per thread loses ~1e-5 of the mean."""
+    rows = 2**24 + 7
+    need_memory(3 * rows * 4 * 3, device)
+    g = torch.Generator().manual_seed(8)
+    a, b, x = (torch.randn(rows, 1, generator=g) for _ in range(3))
+    bad = torch.arange(rows) % 3 == 1
+    b[bad] = float("nan")
+    loss, masked = ipf.ipfm_generator_loss(a.to(device), b.to(device), x.to(device), alpha=1.2, reduction="mean",
+                                           backend=backend, return_masked=True)
+    assert masked.item() == int(bad.sum()) == -(-(rows - 1) // 3)
+    per_row = ref.ipfm_generator_loss(a.double(), b.double(), x.double(), alpha=1.2, reduction="none")
+    per_row = torch.where(bad, 0.0, per_row)
+    assert_close("mean loss", loss.cpu(), per_row.sum() / rows, 1e-6 * per_row.abs().sum() / rows)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
 def test_fake_loss_past_2_31_elements(device, backend, dtype):

@@ -124,7 +124,8 @@ __global__ void __launch_bounds__(kFinalThreads)
 gen_finalize_kernel(const float* __restrict__ partials, int64_t rows, int64_t n, int64_t chunks,
                     const float* __restrict__ weight, int reduction, float* __restrict__ loss,
                     int64_t* __restrict__ masked, float* __restrict__ stats) {
-  float acc[2] = {0.0f, 0.0f};  // loss, masked rows
+  double acc = 0.0;  // fp64 over rows, as the CPU kernel: each thread sums rows / 256 of them
+  long long masked_rows = 0;  // an integer: an fp32 count stops being exact past 2^24 rows
   for (int64_t row = threadIdx.x; row < rows; row += kFinalThreads) {
     float su = 0.0f, sabs = 0.0f, sbad = 0.0f;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -138,24 +139,25 @@ gen_finalize_kernel(const float* __restrict__ partials, int64_t rows, int64_t n,
     stats[rows + row] = r.u;
     stats[2 * rows + row] = r.keep;
     if (reduction == static_cast<int>(Reduction::kNone)) loss[row] = r.loss;
-    acc[0] += r.loss;
-    acc[1] += 1.0f - r.keep;
+    acc += r.loss;
+    masked_rows += r.keep == 0.0f;
   }
-  __shared__ float sums[2][kFinalThreads];
-  sums[0][threadIdx.x] = acc[0];
-  sums[1][threadIdx.x] = acc[1];
+  __shared__ double sums[kFinalThreads];
+  __shared__ long long counts[kFinalThreads];
+  sums[threadIdx.x] = acc;
+  counts[threadIdx.x] = masked_rows;
   __syncthreads();
   for (int width = kFinalThreads / 2; width > 0; width /= 2) {
     if (threadIdx.x < width) {
-      sums[0][threadIdx.x] += sums[0][threadIdx.x + width];
-      sums[1][threadIdx.x] += sums[1][threadIdx.x + width];
+      sums[threadIdx.x] += sums[threadIdx.x + width];
+      counts[threadIdx.x] += counts[threadIdx.x + width];
     }
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    if (reduction == static_cast<int>(Reduction::kMean)) loss[0] = sums[0][0] / static_cast<float>(rows);
-    if (reduction == static_cast<int>(Reduction::kSum)) loss[0] = sums[0][0];
-    if (masked) *masked = static_cast<int64_t>(sums[1][0]);
+    if (reduction == static_cast<int>(Reduction::kMean)) loss[0] = static_cast<float>(sums[0] / static_cast<double>(rows));
+    if (reduction == static_cast<int>(Reduction::kSum)) loss[0] = static_cast<float>(sums[0]);
+    if (masked) *masked = static_cast<int64_t>(counts[0]);
   }
 }
 
@@ -229,7 +231,7 @@ __global__ void __launch_bounds__(kFinalThreads)
 fake_finalize_kernel(const float* __restrict__ partials, int64_t rows, int64_t chunks,
                      const float* __restrict__ sigma, float sigma_scalar, float sigma_data, int reduction,
                      float* __restrict__ loss, float* __restrict__ stats) {
-  float acc = 0.0f;
+  double acc = 0.0;  // fp64 over rows, as the CPU kernel
   for (int64_t row = threadIdx.x; row < rows; row += kFinalThreads) {
     float s = 0.0f;
     for (int64_t c = 0; c < chunks; ++c) s += partials[row * chunks + c];
@@ -240,7 +242,7 @@ fake_finalize_kernel(const float* __restrict__ partials, int64_t rows, int64_t c
     if (reduction == static_cast<int>(Reduction::kNone)) loss[row] = l;
     acc += l;
   }
-  __shared__ float sums[kFinalThreads];
+  __shared__ double sums[kFinalThreads];
   sums[threadIdx.x] = acc;
   __syncthreads();
   for (int width = kFinalThreads / 2; width > 0; width /= 2) {
@@ -248,8 +250,8 @@ fake_finalize_kernel(const float* __restrict__ partials, int64_t rows, int64_t c
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    if (reduction == static_cast<int>(Reduction::kMean)) loss[0] = sums[0] / static_cast<float>(rows);
-    if (reduction == static_cast<int>(Reduction::kSum)) loss[0] = sums[0];
+    if (reduction == static_cast<int>(Reduction::kMean)) loss[0] = static_cast<float>(sums[0] / static_cast<double>(rows));
+    if (reduction == static_cast<int>(Reduction::kSum)) loss[0] = static_cast<float>(sums[0]);
   }
 }
 
