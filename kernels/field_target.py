@@ -171,9 +171,9 @@ def _finalize_kernel(y_ptr, y_stride, x_ptr, x_stride, s_ptr, logz_ptr, ny_ptr, 
         cut = best + CUT / inv2
 
     # sweep 2: the anchor, the smallest q among the entries that can be the row's minimum
-    # (q_lo <= best), exact where the estimate asks. The stored offsets are taken from it:
-    # taken from the upper bound `best`, whose slack (~E) can be thousands of logits at
-    # small sigma, their fp32 rounding would cost u * slack of a logit.
+    # (q_lo <= best), exact where the estimate asks. The stored offsets are taken from it;
+    # from the upper bound `best`, whose slack (~E) can be thousands of logits at small
+    # sigma, their fp32 rounding would cost u * slack of a logit.
     anchor = tl.full([], inf, dtype=tl.float64)
     for m0 in range(0, M_LOOP, BLOCK_M):
         j = m0 + offs

@@ -184,9 +184,9 @@ finalize_kernel(const float* __restrict__ y, int64_t ys, const float* __restrict
   };
 
   // sweep 2: the anchor, the smallest q of the entries that can be the row's minimum
-  // (q_lo <= best). The stored offsets are taken from it: taken from the upper bound
-  // `best`, whose slack (~E) can be thousands of logits at small sigma, their fp32 rounding
-  // would cost u * slack of a logit.
+  // (q_lo <= best). The stored offsets are taken from it; from the upper bound `best`,
+  // whose slack (~E) can be thousands of logits at small sigma, their fp32 rounding would
+  // cost u * slack of a logit.
   double anchor = kInf;
   for (int64_t j = warp; j < m; j += warps) {
     double d, q_lo;
