@@ -55,7 +55,8 @@ in fp64 (with ``t = W x_ref`` recomputed and ``W`` renormalised in fp64): at sig
 the GEMM forms ``y_i sum_j c_ij - (c x_ref)_i`` and ``g_i . x_j - g_i . t_i`` cancel to a
 fraction ~sigma / |x| of their terms, so fp32 would lose ~u |x| / sigma of the gradient
 (1e-2 at sigma = 1e-4). The gradients are then within 1e-5 (normwise) of the float64
-spec, or 2x plain fp32 autograd's error where that is larger (tests/test_properties.py).
+spec, or 2x plain fp32 autograd's error where that is larger (tests/test_field_target.py,
+tests/test_properties.py).
 The training loops never differentiate the target; where a user does, on a GPU with slow
 fp64 the backward is correspondingly slower.
 """
@@ -139,9 +140,7 @@ class _FieldTarget(_op.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_logz, g_w):
-        # In float64 (module docstring, "Backward"): the GEMM forms y_i sum_j c_ij - sum_j
-        # c_ij x_j and g_i . x_j - g_i . t_i cancel to ~sigma / |x| of their terms, which
-        # fp32 would leave at u |x| / sigma (1e-2 of the gradient at sigma = 1e-4).
+        # in float64: its GEMM forms cancel at sigma << |x| (module docstring, "Backward")
         y, sigma, x, logz, w = ctx.saved_tensors
         D, n = ctx.D, y.shape[1]
         y, x = y.double(), x.double()
