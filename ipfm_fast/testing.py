@@ -24,11 +24,14 @@ H100_SHARED_BYTES = 232448  # opt-in shared memory per block of sm_90 (227 KiB)
 class Compiled:
     """One specialization Triton compiled: ``signature`` maps each argument to its type
     (``"*fp32"``, ``"i32"``, ``"constexpr"``...), ``constexprs`` the constexpr ones (integer
-    arguments equal to 1 included) to their values."""
+    arguments equal to 1 included) to their values, ``aligned`` the arguments specialized as
+    multiples of 16 (integers divisible by 16, pointers 16-byte aligned: a separate variant
+    from the same kernel with unaligned arguments)."""
 
     kernel: str
     signature: dict
     constexprs: dict
+    aligned: list
     num_warps: int
     shared: int
     ptx_target: str
@@ -86,6 +89,12 @@ def _ptx_target(ptx):
 def _constexprs(src):
     names = src.fn.arg_names
     return {names[key[0]] if isinstance(key, tuple) else key: value for key, value in src.constants.items()}
+
+
+def _aligned(src):
+    names = src.fn.arg_names
+    return sorted(names[key[0]] for key, attrs in src.attrs.items()
+                  if ["tt.divisibility", 16] in [list(a) for a in attrs])
 
 
 class _Utils:
@@ -205,6 +214,7 @@ def hopper_compile_only():
                 for compiled in kernel_cache.values():
                     log.compiles.append(Compiled(
                         kernel=name, signature=dict(compiled.src.signature), constexprs=_constexprs(compiled.src),
+                        aligned=_aligned(compiled.src),
                         num_warps=compiled.metadata.num_warps, shared=compiled.metadata.shared,
                         ptx_target=_ptx_target(compiled.asm["ptx"]),
                         cubin_bytes=len(compiled.asm["cubin"])))

@@ -4,7 +4,8 @@ The sweep calls the public ops with ``backend="triton"`` on CPU tensors inside
 ``ipfm_fast.testing.hopper_compile_only()``: each launch goes through the real launcher
 (grid, constexprs, dtypes, strides, ``do_not_specialize``) and Triton's own argument
 specialization, compiles exactly what a GPU would compile for it (an integer argument
-equal to 1 becomes a constexpr, as it would on the device), and is recorded, not run.
+equal to 1 becomes a constexpr and one divisible by 16 an alignment hint, as they would on
+the device), and is recorded, not run.
 
 The sweep runs in a subprocess without TRITON_INTERPRET (in interpreter mode @triton.jit
 returns interpreter functions) and with an empty TRITON_CACHE_DIR, so the time measured is
@@ -45,7 +46,7 @@ def sweep():
 
     import ipfm_fast as ipf
     from ipfm_fast.ops.perturb import noise_from_gaussian
-    from ipfm_fast.testing import hopper_compile_only, launched_kernels
+    from ipfm_fast.testing import hopper_compile_only, jit_functions, launched_kernels
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     with hopper_compile_only() as log:
@@ -118,8 +119,24 @@ def sweep():
         ipf.field_target(torch.randn(4, 3, 5, dtype=bf16), 0.5, torch.randn(6, 3, 5, dtype=bf16), 16.0,
                          backend="triton")
 
+        # the training sizes: Triton compiles another variant when an integer argument is a
+        # multiple of 16 (and a pointer 16-byte aligned), the one a GPU meets first -- rows
+        # of 3x32x32 (CIFAR-10) and 1x8x8 (digits), a reference batch of 32
+        for shape, dtype in [((4, 3, 32, 32), f32), ((16, 1, 8, 8), f32), ((4, 3, 32, 32), bf16)]:
+            sigma = (torch.rand(shape[0]) + 0.1).requires_grad_()
+            ipf.perturb(torch.randn(shape, dtype=dtype), sigma, 128.0, backend="triton").float().sum().backward()
+            ipf.perturb(torch.randn(shape, dtype=dtype), 0.5, 128.0, clip_beta=(1e-3, 1 - 1e-3), backend="triton")
+            ipf.sample_prior(shape, 80.0, math.inf, dtype=dtype, backend="triton")
+            _losses(ipf, torch, shape, dtype, (True, True, True), "mean", "adaptive", "per-row")
+        for D in (128.0, math.inf):
+            ipf.field_target(torch.randn(16, 1, 8, 8), torch.rand(16) + 0.1, torch.randn(32, 1, 8, 8), D,
+                             backend="triton")
+
+    unspecialized = {name: [fn.arg_names[a] if isinstance(a, int) else a for a in fn.do_not_specialize]
+                     for name, fn in jit_functions().items()}
     return {"launches": [vars(launch) | {"grid": list(launch.grid)} for launch in log.launches],
-            "compiles": [vars(c) for c in log.compiles], "kernels": launched_kernels()}
+            "compiles": [vars(c) for c in log.compiles], "kernels": launched_kernels(),
+            "unspecialized": unspecialized}
 
 
 def _jsonable(value):
@@ -201,6 +218,15 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
     for kernel, arg in [("gen_partial_kernel", "a_ptr"), ("gen_backward_kernel", "ga_ptr"),
                         ("fake_partial_kernel", "b_ptr"), ("fake_backward_kernel", "gb_ptr")]:
         assert types(kernel, arg) == {"*fp32", "*bf16", "*fp16"}, kernel
+
+    # every kernel whose row length n is specialized compiled both ways: n a multiple of 16
+    # (the training sizes) and not (odd sizes)
+    for kernel in log["kernels"]:
+        n_aligned = [c["aligned"].count("n") for c in compiles if c["kernel"] == kernel and "n" in c["signature"]]
+        if "n" in log["unspecialized"][kernel]:
+            assert not any(n_aligned), kernel
+        elif n_aligned:
+            assert any(n_aligned) and not all(n_aligned), kernel
 
     # field target: several tiles on the 1-D grids of both GEMM-shaped kernels
     for kernel in ("._screen_kernel", "._combine_kernel"):
