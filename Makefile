@@ -60,7 +60,7 @@ $(VENV_FID)/.stamp: requirements-fid.txt
 	touch $@
 
 test-fid: install $(VENV_FID)/.stamp
-	PYTHONPATH=$(CURDIR) $(VENV_FID)/bin/python -m pytest -q -p no:cacheprovider tests/test_fid.py
+	IPFM_FAST_REQUIRE_FIDELITY=1 PYTHONPATH=$(CURDIR) $(VENV_FID)/bin/python -m pytest -q -p no:cacheprovider tests/test_fid.py
 
 bench: install
 	$(PY) -m pytest -q benchmarks

@@ -1,6 +1,11 @@
 """IPFM distillation losses: eager PyTorch as the SiD / EDM training loops write it, its
 torch.compile, and every built fused backend; forward, backward and forward+backward.
 
+Timing: the providers of one (op, dtype, size, mode) in interleaved rounds
+(benchmarks/conftest.py ``time_providers``: each row keeps the median and the minimum); the
+torch.compile provider in its own test (compile_mode=on, timed against eager in the same
+rounds), which gpu_check.sh runs last with the other compiled variants.
+
 bytes = inputs read + gradients written (the fused kernels' traffic):
     generator loss  forward 3BN, backward 3BN + 3BN (a, b, x all need a gradient)
     fake loss       forward 2BN, backward 2BN + BN  (x is detached)
@@ -8,12 +13,11 @@ bytes = inputs read + gradients written (the fused kernels' traffic):
 
 import contextlib
 import functools
-import os
 
 import pytest
 import baselines
 import torch
-from conftest import HAS_CUDA, set_baseline
+from conftest import HAS_CUDA, add_row, loadavg, set_baseline, time_providers
 
 import ipfm_fast as ipf
 from ipfm_fast import backends
@@ -27,9 +31,6 @@ ALPHA = 1.2  # SiD's
 
 for _op in OPS:
     set_baseline(_op, "eager")
-
-# test_losses asks for pytest-benchmark's fixture (see there); on CUDA it stays unused
-pytestmark = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
 
 
 def _eager(op):
@@ -50,8 +51,8 @@ def _fused(op, backend):
     return lambda a, b, x, sigma: ipf.ipfm_fake_loss(b, x, sigma, backend=backend)
 
 
-def _providers():
-    out = ["eager", "compile"]
+def _fused_providers():
+    out = []
     for b in ("cuda", "triton", "cpu"):
         if backends.why_not(b, DEVICE, torch.float32) is None and not (b == "triton" and DEVICE == "cpu"):
             out.append(b)
@@ -72,16 +73,24 @@ def _nbytes(op, mode, numel, itemsize):
     return elems * numel * itemsize
 
 
+def _timed(loss_fn, mode, a, b, x, sigma, wrt):
+    """The call to time: forward, backward (replaying one graph) or both."""
+    if mode == "forward":
+        return lambda: loss_fn(a, b, x, sigma)
+    if mode == "backward":
+        loss = loss_fn(a, b, x, sigma)
+        return lambda: torch.autograd.grad(loss, wrt, retain_graph=True)
+    return lambda: torch.autograd.grad(loss_fn(a, b, x, sigma), wrt)
+
+
+# `benchmark` is requested so that --benchmark-only keeps this test; the timing is time_providers'
+@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", _providers())
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("op", OPS)
-def test_losses(bench, benchmark, op, dtype, size, provider, mode):
-    # `benchmark` is requested so that --benchmark-only keeps this test (the bench
-    # fixture only asks for it lazily, which pytest-benchmark does not see)
-    if provider == "compile" and DEVICE == "cpu" and os.environ.get("IPFM_BENCH_SKIP_COMPILE"):
-        pytest.skip("IPFM_BENCH_SKIP_COMPILE is set")
+def test_losses(benchmark, op, dtype, size, mode, compile_mode):
     shape = SIZES[size]
     g = torch.Generator(device=DEVICE).manual_seed(0)
     a = torch.randn(shape, device=DEVICE, generator=g).to(dtype)
@@ -94,28 +103,20 @@ def test_losses(bench, benchmark, op, dtype, size, provider, mode):
     else:
         b.requires_grad_()
         wrt = [b]
-    loss_fn = _loss_fn(op, provider, mode)
+    names = ["eager"] + (["compile"] if compile_mode == "on" else _fused_providers())
     # "backward" replays one graph (retain_graph=True), which compiled graphs allow only
     # without donated buffers
-    retain = provider == "compile" and mode == "backward"
+    retain = compile_mode == "on" and mode == "backward"
+    load = loadavg()
     with torch._functorch.config.patch(donated_buffer=False) if retain else contextlib.nullcontext():
-        _run(bench, loss_fn, op, dtype, size, provider, mode, a, b, x, sigma, wrt)
-
-
-def _run(bench, loss_fn, op, dtype, size, provider, mode, a, b, x, sigma, wrt):
-    loss_fn(a, b, x, sigma)  # compile / first-call work outside the timing
-
-    if mode == "forward":
-        def fn():
-            return loss_fn(a, b, x, sigma)
-    elif mode == "backward":
-        loss = loss_fn(a, b, x, sigma)
-
-        def fn():
-            return torch.autograd.grad(loss, wrt, retain_graph=True)
-    else:
-        def fn():
-            return torch.autograd.grad(loss_fn(a, b, x, sigma), wrt)
-
-    bench(fn, op=op, size=f"{size},{str(dtype).replace('torch.', '')}", provider=provider, mode=mode,
-          nbytes=_nbytes(op, mode, a.numel(), a.element_size()), device=DEVICE)
+        fns = {p: _timed(_loss_fn(op, p, mode), mode, a, b, x, sigma, wrt) for p in names}
+        times = time_providers(fns, DEVICE)
+    extra = {"threads": torch.get_num_threads(), "load_1min": load} if DEVICE == "cpu" else {}
+    if compile_mode == "on":  # eager's row is the eager test's; here only the same-rounds ratio
+        base_med, base_min, _ = times.pop("eager")
+        med, low, _ = times["compile"]
+        extra.update(same_rounds_speedup_vs_eager=base_med / med, same_rounds_speedup_min_vs_eager=base_min / low)
+    for provider, (med, low, rounds) in times.items():
+        add_row(op=op, size=f"{size},{str(dtype).replace('torch.', '')}", provider=provider, mode=mode,
+                median_s=med, min_s=low, rounds=rounds, nbytes=_nbytes(op, mode, a.numel(), a.element_size()),
+                device=DEVICE, **extra)

@@ -1,9 +1,7 @@
 """Benchmark harness shared by every op's benchmarks.
 
-Each test times one (op, size, provider, mode) with the ``bench`` fixture:
-CPU through pytest-benchmark (median of rounds after warm-up), CUDA through
-``triton.testing.do_bench`` (CUDA events, median). Or a test times every provider of one
-(op, size, mode) together with :func:`time_providers` and :func:`add_row`: on a CPU in
+Each test times every provider of one (op, size, mode) together with
+:func:`time_providers` and records them with :func:`add_row`: on a CPU in
 interleaved rounds (each round calls every provider once, the order reversed every other
 round, so a neighbour's load slows all alike), each row keeping the median and the minimum
 over the rounds; on CUDA do_bench per provider (median and min). At the end of the session every op's
@@ -20,7 +18,6 @@ import statistics
 import time
 from collections import defaultdict
 
-import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -127,30 +124,6 @@ def loadavg():
             return float(f.read().split()[0])
     except OSError:
         return None
-
-
-@pytest.fixture
-def bench(request):
-    """bench(fn, op=, size=, provider=, mode=, nbytes=, flops=, device=, **extra) times fn."""
-
-    def run(fn, *, op, size, provider, mode="forward", nbytes=None, flops=None, device="cpu", **extra):
-        if torch.device(device).type == "cuda":
-            import triton.testing
-
-            fn()
-            torch.cuda.reset_peak_memory_stats()
-            ms = triton.testing.do_bench(fn, return_mode="median")
-            seconds = ms * 1e-3
-            extra.setdefault("peak_memory_mb", torch.cuda.max_memory_allocated() / 2**20)
-        else:
-            benchmark = request.getfixturevalue("benchmark")  # pytest-benchmark, CPU only
-            benchmark.pedantic(fn, rounds=int(os.environ.get("IPFM_BENCH_ROUNDS", 10)), warmup_rounds=2, iterations=1)
-            seconds = benchmark.stats.stats.median
-        add_row(op=op, size=size, provider=provider, mode=mode, median_s=seconds, min_s=None, nbytes=nbytes,
-                flops=flops, device=device, **extra)
-        return seconds
-
-    return run
 
 
 def _fmt(v):

@@ -297,7 +297,7 @@ if [ "$DRY" = 1 ]; then
   # a handful of quick tests per pytest step; CUDA-only tests are skipped by pytest
   K_OPS=(-k "sigma_r_conversions or philox_known_answers or bad_backend or auto_and_reference_backends or extension_reports or generator_on_another_device")
   K_LOOP=()                                  # -m gpu: all skipped without a GPU
-  K_BENCH=(-k "(test_perturb and cifar10) or (test_losses and 256 and cpu and forward) or (test_field_target and train and off) or (test_compat_sid_losses and inf and cifar10)")
+  K_BENCH=(-k "(test_perturb and cifar10) or (test_losses and 256 and fake and forward and off) or (test_field_target and train and off) or (test_compat_sid_losses and inf and cifar10)")
   K_BENCH_COMPILED=(-k "test_perturb and cifar10")
   K_OPS_COMPILED=(--collect-only)
   K_LARGE=(--collect-only)                   # the GPU backends' tests: none without a GPU

@@ -16,9 +16,9 @@ import torch
 try:
     import torch_fidelity  # noqa: F401
 
-    HAVE_FIDELITY = True
-except Exception:  # ImportError, or torchvision failing to load beside this torch
-    HAVE_FIDELITY = False
+    HAVE_FIDELITY, FIDELITY_ERROR = True, None
+except Exception as e:  # ImportError, or torchvision failing to load beside this torch
+    HAVE_FIDELITY, FIDELITY_ERROR = False, e
 
 needs_fidelity = pytest.mark.skipif(not HAVE_FIDELITY, reason="torch-fidelity not importable here (make test-fid)")
 
@@ -89,6 +89,35 @@ def test_fid_refuses_a_bad_reference_and_foreign_weights(files, tmp_path):
     assert r.returncode == 2 and "mu [2048]" in r.stderr and "Traceback" not in r.stderr
     r = _cli("evaluate", "--fid", "--inception-weights", tmp_path / "foreign.pth", *common)
     assert r.returncode == 2 and "not the FID Inception weights" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("IPFM_FAST_REQUIRE_FIDELITY"), reason="only where FID must be tested")
+def test_fidelity_loads_where_fid_is_tested():
+    """`make test-fid` sets IPFM_FAST_REQUIRE_FIDELITY: there a broken torch-fidelity /
+    torchvision install fails the suite instead of skipping every FID test."""
+    assert HAVE_FIDELITY, f"torch-fidelity does not import: {FIDELITY_ERROR!r}"
+
+
+@needs_fidelity
+def test_fid_of_a_generator(files, tmp_path):
+    """`evaluate --generator RUN --fid`: the generator's 1-NFE samples at its own shape, against
+    statistics computed from --data; the reference is the same with or without a generator."""
+    from ipfm_fast import checkpoint as ckpt
+    from ipfm_fast.models import build_denoiser, model_config
+
+    cfg = model_config("mlp", [3, 16, 16], width=16, depth=1)
+    torch.manual_seed(0)
+    ckpt.save_denoiser(str(tmp_path / "generator.safetensors"), build_denoiser(cfg).eval(), cfg, D=128.0,
+                       sigma_init=2.5, data="data.npz", role="generator")
+    r = _cli("evaluate", "--generator", tmp_path, "--fid", "--num", 24, "--data", files / "data.npz",
+             "--inception-weights", files / "inception.pth", "--device", "cpu", "--no-progress",
+             "--json", tmp_path / "g.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert res["fid"] > 1e-3 and res["fid_samples"] == 24 and res["role"] == "generator"
+    assert "one-step generator (sigma_init 2.5)" in r.stdout and "FID:" in r.stdout
 
 
 @pytest.mark.skipif(HAVE_FIDELITY, reason="torch-fidelity is installed here")

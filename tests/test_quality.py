@@ -72,6 +72,7 @@ def test_generate_is_a_function_of_the_seed_alone():
     b = torch.cat(list(iter_generate(model, 23, [1, 8, 8], 128.0, 2.5, seed=4, batch=23)))
     # the prior draws are the seed's alone; the network's batched matmuls round alike to ~1 ulp
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert torch.equal(a, generate(model, 23, [1, 8, 8], 128.0, 2.5, seed=4, batch=5))  # same seed, same batch
     assert (a - generate(model, 23, [1, 8, 8], 128.0, 2.5, seed=5)).abs().max() > 1e-3
 
 
