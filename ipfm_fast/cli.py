@@ -104,6 +104,16 @@ def _shown(v):
     return str(v)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where there is a default and the help does not already
+    say what it is (a default of None is "chosen at run time", which the help explains)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 # --------------------------------------------------------------------------------------
 # train-teacher
 # --------------------------------------------------------------------------------------
@@ -118,8 +128,8 @@ def add_train_teacher(sub):
                     "y = perturb(x, sigma, D) and loss lambda(sigma)||D(y, sigma) - target||^2. Writes "
                     "config.json, checkpoint.safetensors (resume state), teacher.safetensors (EMA weights), "
                     "log.jsonl, summary.json and samples.png into --out, then (unless --eval-samples 0) "
-                    "reports the 35-NFE Frechet distance next to the train-vs-test data baseline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "scores it at --eval-steps NFE next to the train-vs-test data baseline.",
+        formatter_class=HelpFormatter)
     add_options(p, TeacherConfig)
     _add_run_flags(p)
 
@@ -210,7 +220,7 @@ def add_sample(sub):
                     "from the PFGM++ prior at --sigma-max; a one-step generator (generator.safetensors, a distill "
                     "run) is evaluated once at its recorded sigma_init, from the prior at that level. Deterministic "
                     "for a seed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     _add_model_source(p)
     p.add_argument("--num", type=positive_int, default=100, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draw (same seed, same samples)")
@@ -292,7 +302,7 @@ def add_generate(sub):
         description="Evaluate a distilled one-step generator (generator.safetensors or a distill run folder) "
                     "once at its recorded sigma_init on prior draws, in batches; deterministic for a seed "
                     "whatever --batch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--generator", required=True, help="generator.safetensors, a distill run folder or checkpoint")
     p.add_argument("--weights", default="ema", help="which weights of a training checkpoint: ema or model")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
@@ -379,7 +389,7 @@ def add_evaluate(sub):
                     "features, which every score then says) and pixel-space sliced Wasserstein-2, always next to the "
                     "train-vs-test data baseline. --fid instead computes FID and KID in the standard FID Inception "
                     "features (torch-fidelity) against reference statistics.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help=".npz of samples (uint8 x [N, H, W, C], as `sample --npz` writes)")
     src.add_argument("--generator", help="a one-step generator (generator.safetensors or a distill run folder)")
@@ -544,7 +554,7 @@ def add_distill(sub):
                     "log.jsonl and summary.json into --out. Multi-process: torchrun --nproc_per_node=P -m ipfm_fast "
                     "distill ... (DDP; gloo on CPU, nccl on CUDA); results do not depend on P for a fixed "
                     "--micro-batch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     groups = add_options(p, DistillConfig)
     groups["checkpoints, logs and evaluation"].add_argument(
         "--final-eval-seeds", type=nonneg_int, default=5,
@@ -584,7 +594,7 @@ def add_demo(sub):
                     "into a one-step generator, score the generator before and after at 1 NFE over several seeds "
                     "against the test split, and write metrics.json, report.md, sample grids and the training "
                     "curve into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder (the teacher is cached in OUT/teacher)")
     p.add_argument("--teacher-dir", default=None, help="where the teacher is trained/reused (default: OUT/teacher)")
     p.add_argument("--seeds", type=positive_int, default=DEMO_SEEDS, help="sampling seeds per score (paired)")
@@ -622,7 +632,7 @@ def add_study(sub):
                     "(its excess over the data baseline) against the test split every --eval-every iterations, "
                     "against generator images seen. Writes "
                     "study.json, study.md and study.png into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/study", help="output folder (teachers and runs inside; study.md/json/png)")
     p.add_argument("--D", dest="Ds", type=parse_D, nargs="+", default=[128.0, math.inf], help="values of D to compare")
     p.add_argument("--distill-steps", type=positive_int, default=3000, help="iterations per distillation")

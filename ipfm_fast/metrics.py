@@ -124,8 +124,8 @@ def sliced_wasserstein(a, b, *, projections=256, seed=0, levels=None):
     b = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b).reshape(len(b), -1).double().cpu()
     if a.shape[1] != b.shape[1]:
         raise InvalidInput(f"sliced_wasserstein: rows have {a.shape[1]} vs {b.shape[1]} features")
-    g = torch.Generator().manual_seed(int(seed))
-    theta = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
+    rng = torch.Generator().manual_seed(int(seed))
+    theta = torch.randn(a.shape[1], projections, generator=rng, dtype=torch.float64)
     theta /= theta.norm(dim=0, keepdim=True)
     k = levels or max(len(a), len(b))
     q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
@@ -206,14 +206,14 @@ def _fit(net, dataset, seed, steps, batch, lr, noise, device, log):
 
     train = dataset.train.to(device)
     order = BatchOrder(batch, len(train), seed, device)
-    g = torch.Generator(device=device).manual_seed(seed)
+    rng = torch.Generator(device=device).manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
     net.train()
     for step in range(steps):
         idx = order(step)
         x = train.floats(idx)
-        x = x + noise * torch.randn(x.shape, generator=g, device=device)
+        x = x + noise * torch.randn(x.shape, generator=rng, device=device)
         loss = F.cross_entropy(net(x), train.labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -4,7 +4,7 @@ arguments with the rules the public op uses (:mod:`ipfm_fast._checks`, under the
 name), so both accept and refuse the same inputs. Baselines written as other codebases
 write these ops live with the benchmarks (benchmarks/baselines.py), not here.
 
-Notation (see DESIGN.md): data rows :math:`x \in \mathbb R^N` (any trailing shape is
+Notation (as in the README's op table): data rows :math:`x \in \mathbb R^N` (any trailing shape is
 flattened to N), augmentation dimension :math:`D > 0` or ``math.inf``, alignment
 :math:`r = \sigma \sqrt D`.
 """

@@ -1,4 +1,4 @@
-r"""Noise levels (DESIGN.md "Schedules"): the PFGM++ alignment :math:`r = \sigma\sqrt D`,
+r"""Noise levels: the PFGM++ alignment :math:`r = \sigma\sqrt D`,
 the level distributions of teacher training and distillation, and the EDM sampler's levels.
 
     teacher training   ln sigma ~ N(P_mean, P_std^2)                     sample_sigma_train

@@ -139,13 +139,14 @@ def _run_until_logged(argv, log, lines=2):
     return proc
 
 
-def test_7_ctrl_c_during_train_teacher_saves_and_exits_130(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_7_ctrl_c_during_train_teacher_saves_and_exits_130(tmp_path, sig, code):
     out = tmp_path / "t"
     argv = ["train-teacher", "--out", out, *TEACHER, "--steps", "100000", "--log-every", "1", *RUNTIME]
     proc = _run_until_logged(argv, out / "log.jsonl")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=90)
-    assert proc.returncode == 130, stderr[-3000:]
+    assert proc.returncode == code, stderr[-3000:]
     assert "Traceback" not in stderr and "continue with --resume" in stdout
     assert (out / "checkpoint.safetensors").exists() and not (out / "teacher.safetensors").exists()
     r = cli("train-teacher", "--out", out, "--resume", "--steps", "3", *RUNTIME)
@@ -230,6 +231,12 @@ def test_14_every_option_has_help_and_one_syntax_for_lists():
     assert parser.parse_args(["sample", "--teacher", "x", "--shape", "3", "32", "32"]).shape == [3, 32, 32]
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     assert "--mults 1,2" not in readme
+    # as a user sees it: the real defaults, never "(default: None)" beside a stated default
+    for command, words in [("train-teacher", ["--mults 1 2 2", "(default: 3000)"]), ("sample", ["generator"]),
+                           ("distill", ["--resume"])]:
+        r = cli(command, "--help")
+        assert r.returncode == 0 and "(default: None)" not in r.stdout, r.stdout
+        assert all(w in " ".join(r.stdout.split()) for w in words), (command, r.stdout)
 
 
 def test_15_every_run_folder_has_a_sample_grid(runs):

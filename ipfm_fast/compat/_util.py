@@ -2,12 +2,11 @@
 per-element form of per-row losses, and sigma as a [B, 1, ...] tensor."""
 
 import math
-import numbers
 
 import torch
 
-from ipfm_fast._checks import check_D
-from ipfm_fast.errors import InvalidInput, InvalidType
+from ipfm_fast._checks import check_D, check_sigma
+from ipfm_fast.errors import InvalidInput
 
 CLIP_BETA = (1e-3, 1 - 1e-3)  # np.clip / torch.clamp of the Beta draw in pfgmpp and pfgmpp-idmd
 
@@ -55,14 +54,11 @@ def common_dtype(*tensors):
 
 
 def sigma_rows(sigma, like, op):
-    """sigma as the originals accept it (a Python number, [B], [B, 1, 1, 1] or 0-dim) as a
-    tensor of ``like``'s row shape in like's dtype, built as pfgmpp_kernel.sample_noise builds
-    it (``torch.tensor([sigma] * B)``), so that ``like * sigma`` is the original's product."""
-    if isinstance(sigma, torch.Tensor):
-        if sigma.dim() > 0 and sigma.numel() != like.shape[0]:
-            raise InvalidInput(f"{op}: sigma must be a float or have one entry per row ({like.shape[0]}), "
-                               f"got shape {tuple(sigma.shape)}")
-        return sigma.reshape(-1, *[1] * (like.dim() - 1))
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
-        raise InvalidType(f"{op}: sigma must be a float or a tensor, got {type(sigma).__name__}")
-    return torch.tensor([float(sigma)] * like.shape[0], device=like.device, dtype=like.dtype).reshape(row_shape(like))
+    """sigma as the originals accept it (a Python number, [B], [B, 1, 1, 1] or 0-dim; the
+    rules are the ops', :func:`ipfm_fast._checks.check_sigma`) as a tensor of ``like``'s row
+    shape, a number built as pfgmpp_kernel.sample_noise builds it (``torch.tensor([sigma] *
+    B)`` in like's dtype), so that ``like * sigma`` is the original's product."""
+    tensor, number = check_sigma(sigma, like.shape[0], like.device, op, values=False)
+    if tensor is not None:
+        return tensor.reshape(row_shape(like))
+    return torch.tensor([number] * like.shape[0], device=like.device, dtype=like.dtype).reshape(row_shape(like))

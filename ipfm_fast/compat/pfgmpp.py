@@ -163,8 +163,8 @@ def rand_beta_prime(size, N=3072, D=128, *, seeds, device=None, sigma_max=80, ba
     device = torch.device(device if device is not None else "cpu")
     rows = []
     for seed in seeds:
-        gen = torch.Generator(device=device).manual_seed(int(seed))
-        rows.append(ipf.sample_prior([1] + size[1:], sigma, D, device=device, generator=gen, backend=backend))
+        rng = torch.Generator(device=device).manual_seed(int(seed))
+        rows.append(ipf.sample_prior([1] + size[1:], sigma, D, device=device, generator=rng, backend=backend))
     if not rows:
         return torch.empty(size, dtype=torch.float64, device=device)
     return torch.cat(rows).to(torch.float64)

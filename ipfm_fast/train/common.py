@@ -193,8 +193,8 @@ class EMA:
 
 def epoch_permutation(epoch, n, seed):
     """The order of the ``n`` training rows in ``epoch``: ``randperm(n)`` seeded by (seed, epoch)."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    rng = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+    return torch.randperm(n, generator=rng)
 
 
 def batch_indices(step, batch, n, seed, device=None):

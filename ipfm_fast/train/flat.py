@@ -212,12 +212,12 @@ def own_adam_matches_torch():
 
 
 def _probe_own_adam():
-    g = torch.Generator().manual_seed(1234)
+    rng = torch.Generator().manual_seed(1234)
     shapes = [(1,), (7,), (8,), (9,), (3, 11), (40,), (1000,), (2, 16391)]
     for lr, beta2, scale in ((1e-4, 0.999, 1e-2), (3e-3, 0.99, 1e3), (1e-5, 0.9999, 1e-6)):
         net = torch.nn.Module()
         for k, shape in enumerate(shapes):
-            net.register_parameter(f"p{k}", torch.nn.Parameter(torch.randn(shape, generator=g) * 1e-3))
+            net.register_parameter(f"p{k}", torch.nn.Parameter(torch.randn(shape, generator=rng) * 1e-3))
         ours = FlatAdam(FlatParams(net), lr=lr, betas=(0.0, beta2))
         params = [p.detach().clone() for p in ours.flat.params]
         m = [torch.zeros_like(p) for p in params]
@@ -225,11 +225,11 @@ def _probe_own_adam():
         steps = torch.zeros(())
         ema_ours = torch.zeros_like(ours.flat.data)  # an EMA buffer: zero padding between the views, as in use
         for view in ours.flat.views(ema_ours):
-            view.copy_(torch.randn(view.shape, generator=g) * 1e-3)
+            view.copy_(torch.randn(view.shape, generator=rng) * 1e-3)
         ema_ref = ema_ours.clone()
         ref_flat = ours.flat.data.clone()
         for step in range(4):
-            grads = [torch.randn(p.shape, generator=g) * scale for p in params]
+            grads = [torch.randn(p.shape, generator=rng) * scale for p in params]
             for grad in grads:  # zeros of both signs: the old moment's sign decides the new one's
                 grad.view(-1)[::5] = 0.0
                 grad.view(-1)[1::7] = -0.0
