@@ -245,10 +245,15 @@ def check_perturb(device, backend, c):
     sig = sigma_rows(sigma, rows, exact=backend == "reference")[:, None]
     e = eps(c.dtype)
     if backend == "reference":  # torch's generators: the identity y = x + sigma * noise, and its gradient
-        if noise is None:
-            rng.manual_seed(c.seed + 1)
-            _, noise = ref.perturb(x, sigma, c.D, generator=rng, return_noise=True)
-        n64 = noise.detach().cpu().double().reshape(rows, n)
+        # the same draws again, unrounded: x in the compute dtype (fp32 for fp16/bf16), whose
+        # noise is the one y was computed from (the noise returned in fp16 is rounded, and
+        # near fp16's overflow threshold that rounding decides whether y is finite)
+        rng.manual_seed(c.seed + 1)
+        _, unrounded = ref.perturb(x if c.dtype == torch.float64 else x.float(), sigma, c.D, generator=rng,
+                                   return_noise=True)
+        n64 = unrounded.detach().cpu().double().reshape(rows, n)
+        if noise is not None:
+            assert_close("noise", noise.reshape(rows, n), n64, e * n64.abs() + floor(c.dtype))
         y_want = x64 + sig * n64
         assert_close("y", y.reshape(rows, n), y_want, 4 * e * (x64.abs() + sig * n64.abs()) + floor(c.dtype))
         order_noise, noise_err = n64, 4 * e * n64.abs()
