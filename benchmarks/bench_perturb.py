@@ -19,6 +19,7 @@ import torch
 import baselines
 import ipfm_fast as ipf
 from ipfm_fast import _ext, backends
+from ipfm_fast.ops.perturb import noise_from_gaussian
 from ipfm_fast.testing import cpu_isa, cpu_isa_paths
 
 from conftest import HAS_CUDA, add_row, loadavg, set_baseline, time_providers
@@ -97,3 +98,35 @@ def test_perturb(benchmark, size, compile_mode):
         add_row(op="perturb", size=size, provider=provider, median_s=med, min_s=low, rounds=rounds,
                 nbytes=2 * x.numel() * x.element_size(), device=DEVICE, **{**extra})
         extra.pop("cpu_isa", None)
+
+
+set_baseline("perturb_clip", "unclipped")
+CLIP_BETA = (1e-3, 1 - 1e-3)  # pfgmpp's and pfgmpp-idmd's clip of the Beta draw
+
+
+@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+@pytest.mark.parametrize("size", [s for s in SIZES if not s.startswith("large")])
+def test_perturb_clip_cost(benchmark, size):
+    """What the opt-in Beta clip (ipfm_fast.compat's default) costs: perturb and the given-
+    gaussian form (compat.sid.sample_noise) with and without it, in the same rounds; the
+    ratios docs/compat.md quotes. Not in the README's table (no other codebase's op here)."""
+    backend = "cuda" if HAS_CUDA else "cpu"
+    if backends.why_not(backend, DEVICE, torch.float32) is not None:
+        pytest.skip(f"no {backend} backend here")
+    shape = SIZES[size]
+    x, g = torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE)
+    sigma = torch.rand(shape[0], device=DEVICE) * 10 + 0.01
+    fns = {
+        "unclipped": lambda: ipf.perturb(x, sigma, D, backend=backend),
+        "clipped": lambda: ipf.perturb(x, sigma, D, clip_beta=CLIP_BETA, backend=backend),
+        "given_g unclipped": lambda: noise_from_gaussian(g, sigma, D, backend=backend),
+        "given_g clipped": lambda: noise_from_gaussian(g, sigma, D, clip_beta=CLIP_BETA, backend=backend),
+    }
+    load = loadavg()
+    times = time_providers(fns, DEVICE)
+    extra = {"backend": backend, "D": D}
+    if DEVICE == "cpu":
+        extra.update(threads=torch.get_num_threads(), load_1min=load, cpu_isa=_ext._C.cpu_isa())
+    for provider, (med, low, rounds) in times.items():
+        add_row(op="perturb_clip", size=size, provider=provider, median_s=med, min_s=low, rounds=rounds,
+                nbytes=2 * x.numel() * x.element_size(), device=DEVICE, **extra)
