@@ -712,6 +712,11 @@ def main(argv=None):
     except IpfmError as err:  # a user's mistake: one line; anything else is a bug and keeps its traceback
         print(f"ipfm-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun process: its exit is bounded
+            from ipfm_fast.train.parallel import arm_exit_watchdog
+
+            arm_exit_watchdog()
 
 
 if __name__ == "__main__":

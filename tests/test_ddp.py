@@ -34,6 +34,7 @@ def _torchrun(teacher_dir, out, steps, *extra, program=("-m", "ipfm_fast"), env_
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
+    env["IPFM_FAST_EXIT_WATCHDOG_S"] = "60"  # a hung teardown fails with its stacks, inside the 120 s timeout
     env.update(env_extra or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *program,
            "distill", "--teacher", teacher_dir, "--out", str(out), "--steps", str(steps), *ARGS, *extra]
@@ -87,3 +88,25 @@ def test_no_collective_thread_outlives_the_run(teacher_dir, tmp_path, mode):
         line = (tmp_path / f"rank{rank}.txt").read_text()
         assert line.startswith("raised planted failure;" if mode == "fail" else "0;"), line
         assert "gloo" not in line, line  # gloo_tcp_loop / pt_gloo_runloop threads still alive
+
+
+def test_a_hung_exit_ends_with_the_stacks(tmp_path):
+    """The exit watchdog a torchrun process arms after its work: a process still alive
+    after it (here a thread that keeps interpreter shutdown waiting) prints every thread's
+    stack and exits 1 instead of hanging."""
+    code = ("import threading, time; from ipfm_fast.train.parallel import arm_exit_watchdog; "
+            "arm_exit_watchdog(2); threading.Thread(target=time.sleep, args=(120,)).start()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Timeout" in r.stderr and "time.sleep" not in r.stdout, r.stderr[-3000:]
+    assert "Thread 0x" in r.stderr  # every thread's stack
+
+
+def test_a_bad_exit_watchdog_setting_is_refused(monkeypatch):
+    from ipfm_fast.errors import InvalidInput
+    from ipfm_fast.train.parallel import exit_watchdog_seconds
+
+    monkeypatch.setenv("IPFM_FAST_EXIT_WATCHDOG_S", "soon")
+    with pytest.raises(InvalidInput, match="IPFM_FAST_EXIT_WATCHDOG_S"):
+        exit_watchdog_seconds()
+    monkeypatch.setenv("IPFM_FAST_EXIT_WATCHDOG_S", "0")
+    assert exit_watchdog_seconds() == 0

@@ -2,8 +2,11 @@
 group and leaving it on every exit path, and the few collectives the loops make outside
 DDP's gradient all-reduce."""
 
+import faulthandler
 import importlib
+import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +14,36 @@ import torch.distributed as dist
 
 from ipfm_fast.errors import InvalidInput
 from ipfm_fast.train import common
+
+
+EXIT_WATCHDOG_S = 90
+
+
+def exit_watchdog_seconds():
+    """IPFM_FAST_EXIT_WATCHDOG_S (default 90; 0: off): how long a process of a distributed
+    run may take to tear down and exit once its work is done."""
+    raw = os.environ.get("IPFM_FAST_EXIT_WATCHDOG_S", str(EXIT_WATCHDOG_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < 1e6:
+        raise InvalidInput(f"IPFM_FAST_EXIT_WATCHDOG_S must be a number of seconds in [0, 1e6), got {raw!r}")
+    return seconds
+
+
+def arm_exit_watchdog(seconds=None):
+    """If this process is still alive ``seconds`` from now, print every thread's stack to
+    stderr and exit with code 1 (faulthandler, which stays armed through interpreter
+    shutdown), so that a teardown that hangs ends a torchrun job with the stacks that show
+    where, instead of keeping it waiting forever. Replaces any faulthandler timer."""
+    if seconds is None:
+        try:
+            seconds = exit_watchdog_seconds()
+        except InvalidInput:  # refused when the run started (init_distributed); a teardown does not raise
+            seconds = EXIT_WATCHDOG_S
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__)
 
 
 @dataclass
@@ -39,6 +72,7 @@ def init_distributed(device_spec):
     if world <= 1:
         return Dist(), device
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    exit_watchdog_seconds()  # a bad value is refused now, not at the end of the run
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
             raise InvalidInput(f"this is process {local} of its node (LOCAL_RANK) but the node has "
@@ -87,8 +121,10 @@ class DistributedRun:
 
             if tb is not None:
                 traceback.clear_frames(tb)
+            arm_exit_watchdog()
             gc.collect()
             dist.destroy_process_group()
+            faulthandler.cancel_dump_traceback_later()
         return False
 
 
