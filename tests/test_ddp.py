@@ -40,6 +40,8 @@ def _torchrun(teacher_dir, out, steps, *extra, program=("-m", "ipfm_fast"), env_
            "distill", "--teacher", teacher_dir, "--out", str(out), "--steps", str(steps), *ARGS, *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    # no deprecated call warns on every run (DDP's broadcast_buffers did; with warnings as errors it failed)
+    assert "FutureWarning" not in r.stderr and "DeprecationWarning" not in r.stderr, r.stderr[-4000:]
     return r
 
 

@@ -74,7 +74,7 @@ from ipfm_fast.data import save_grid
 from ipfm_fast.errors import InvalidInput, TrainingDiverged
 from ipfm_fast.models import build_denoiser, count_params, describe
 from ipfm_fast.schedules import sample_sigma_distill, sample_sigma_train
-from ipfm_fast.train import common, host_memory
+from ipfm_fast.train import common, host_memory, parallel
 from ipfm_fast.train.evaluation import (BestGenerator, SelectionScorer, curve_from_log, evaluate_generator,  # noqa: F401
                                          final_evaluation, generate, generator_file, load_generator)
 from ipfm_fast.train.flat import FlatAdam, FlatParams, norm_and_skip
@@ -578,11 +578,7 @@ def _build_nets(cfg, teacher, meta, device, dctx, init=None):
     opt_f = FlatAdam(FlatParams(fake_net), lr=cfg.lr_fake or cfg.lr, betas=(0.0, cfg.beta2), eps=cfg.eps)
     gen_fwd, fake_fwd, fake_frozen_fwd, teacher_fwd = gen_net, fake_net, fake_net, teacher
     if dctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [device.index] if device.type == "cuda" else None
-        gen_fwd = DDP(gen_net, device_ids=ids, broadcast_buffers=False)
-        fake_fwd = DDP(fake_net, device_ids=ids, broadcast_buffers=False)
+        gen_fwd, fake_fwd = parallel.data_parallel(gen_net, device), parallel.data_parallel(fake_net, device)
     compiled = _switch(cfg.compile, device.type == "cuda")
     if compiled:  # the plain modules keep the parameters; the compiled wrappers share them
         gen_fwd, fake_fwd, teacher_fwd = (torch.compile(m, dynamic=False) for m in (gen_fwd, fake_fwd, teacher))

@@ -4,6 +4,7 @@ DDP's gradient all-reduce."""
 
 import faulthandler
 import importlib
+import inspect
 import math
 import os
 import sys
@@ -126,6 +127,19 @@ class DistributedRun:
             dist.destroy_process_group()
             faulthandler.cancel_dump_traceback_later()
         return False
+
+
+def data_parallel(module, device):
+    """``module`` under DDP without a per-forward buffer broadcast (the networks' only buffers
+    are constants, identical on every process). torch >= 2.13 spells that
+    ``forward_sync_buffers=False``; its deprecated ``broadcast_buffers=False`` warns on every
+    wrap (and fails a run with warnings as errors), so the older spelling is kept for older torch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(module, device_ids=ids, forward_sync_buffers=False)
+    return DDP(module, device_ids=ids, broadcast_buffers=False)
 
 
 def any_process(flag, dctx, device):
