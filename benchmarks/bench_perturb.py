@@ -19,6 +19,7 @@ import torch
 import baselines
 import ipfm_fast as ipf
 from ipfm_fast import _ext, backends
+from ipfm_fast.compat import CLIP_BETA  # pfgmpp's and pfgmpp-idmd's clip of the Beta draw
 from ipfm_fast.ops.perturb import noise_from_gaussian
 from ipfm_fast.testing import cpu_isa, cpu_isa_paths
 
@@ -101,7 +102,6 @@ def test_perturb(benchmark, size, compile_mode):
 
 
 set_baseline("perturb_clip", "unclipped")
-CLIP_BETA = (1e-3, 1 - 1e-3)  # pfgmpp's and pfgmpp-idmd's clip of the Beta draw
 
 
 @pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
